@@ -1,0 +1,6 @@
+"""Algorithms, one file each. Importing this registers the built-in algorithms."""
+
+from dgbench.algorithms import erm  # noqa: F401  (registration side effect)
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+
+__all__ = ["Algorithm", "AlgorithmHParams", "DomainBatch"]

@@ -1,0 +1,42 @@
+"""ERM: empirical risk minimisation on the pooled training domains.
+
+Vapnik, "Statistical Learning Theory", 1998; as run in DomainBed
+(Gulrajani & Lopez-Paz, "In Search of Lost Domain Generalization", ICLR 2021,
+arXiv:2007.01434; reference: facebookresearch/DomainBed `domainbed/algorithms.py`
+class `ERM`, commit b93c22a). One step: concatenate the per-domain minibatches,
+mean cross-entropy over the pooled batch, one Adam step. No LR schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.registry import ALGORITHMS
+
+
+@dataclass(kw_only=True)
+class ERMHParams(AlgorithmHParams):
+    """ERM has only the shared DomainBed hparams."""
+
+
+@ALGORITHMS.register("erm", ERMHParams)
+class ERM(Algorithm):
+    def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
+        super().__init__(backbone, num_classes, num_domains, cfg)
+        self.optimizer = self.make_optimizer()
+
+    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+        x = torch.cat([x for x, _ in batches])
+        y = torch.cat([y for _, y in batches])
+        loss = F.cross_entropy(self.predict(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}

@@ -1,0 +1,1 @@
+"""Backbones (featurizers). Importing this registers the built-in backbones."""

@@ -1,0 +1,131 @@
+"""The `dgbench` command: `train` (a Hydra app) and `list`.
+
+User errors (`DGBenchError`: bad names, values, files) print one line and exit 2;
+tracebacks are for bugs. Hydra reports composition errors (unknown keys, wrong
+types, unknown group options) itself, naming the key and the valid options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dgbench.errors import DGBenchError
+
+log = logging.getLogger("dgbench")
+USAGE = """usage: dgbench <command> [args]
+
+commands:
+  train [overrides...]              train one run (Hydra app: -m for multirun, --cfg job, --help)
+  list [algorithms|datasets|backbones]  registered components with their hparams and defaults
+"""
+
+
+def conf_dir() -> Path:
+    """The `conf/` directory shipped at the project root beside the package."""
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help"}:
+        print(USAGE, end="")
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    try:
+        from dgbench.components import load_components
+
+        load_components()
+        if command == "train":
+            _run_hydra_train(rest)
+        elif command == "list":
+            _list(rest)
+        else:
+            print(f"dgbench: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
+            sys.exit(2)
+    except DGBenchError as error:
+        _exit_with(error)
+
+
+def _exit_with(error: BaseException) -> None:
+    print(f"dgbench: error: {user_message(error)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def user_message(error: BaseException) -> str:
+    """The error's message; for an error re-raised from a DataLoader worker, the original one."""
+    text = str(error)
+    if "Original Traceback" in text:  # DataLoader wraps worker exceptions in a traceback dump
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def _run_hydra_train(overrides: list[str]) -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def train_app(cfg: DictConfig) -> None:
+        from dgbench.components import load_components
+        from dgbench.train import train
+
+        load_components()  # again: launchers may run jobs in fresh processes
+        hydra_cfg = HydraConfig.get()
+        try:
+            result = train(cfg, list(hydra_cfg.overrides.task))
+        except DGBenchError as error:
+            if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
+                log.error("run failed: %s", user_message(error))  # the sweep carries on
+                return
+            _exit_with(error)
+            return
+        _print_summary(result)
+
+    sys.argv = [sys.argv[0], *overrides]
+    train_app()
+
+
+def _print_summary(result: object) -> None:
+    from dgbench.records import RESULTS_FILE, read_records
+
+    run_dir: Path = result.run_dir  # type: ignore[attr-defined]
+    record = result.record or (read_records(run_dir / RESULTS_FILE) or [None])[-1]  # type: ignore[attr-defined]
+    if result.record is None:  # type: ignore[attr-defined]
+        print(f"run already done: {run_dir}")
+    if not record:
+        return
+    test_envs = set(record["test_envs"])
+    print(f"\n{record['algorithm']} on {record['dataset']} ({record['backbone']}), step {record['step']}")
+    print(f"{'domain':<16}{'role':<7}{'in':>8}{'out':>8}")
+    for index, (domain, acc) in enumerate(record["acc"].items()):
+        role = "test" if index in test_envs else "train"
+        print(f"{domain:<16}{role:<7}{100 * acc['in']:>7.1f}%{100 * acc['out']:>7.1f}%")
+    print(f"records: {run_dir / RESULTS_FILE}")
+
+
+def _list(args: list[str]) -> None:
+    from dgbench.hparams import describe_fields
+    from dgbench.registry import ALGORITHMS, BACKBONES, DATASETS
+
+    registries = {"algorithms": ALGORITHMS, "datasets": DATASETS, "backbones": BACKBONES}
+    parser = argparse.ArgumentParser(prog="dgbench list")
+    parser.add_argument("kind", nargs="?", choices=sorted(registries), help="what to list (default: all)")
+    kind = parser.parse_args(args).kind
+    for title, registry in registries.items():
+        if kind not in (None, title):
+            continue
+        print(f"{title}:")
+        for entry in registry:
+            print(f"  {entry.name}  ({registry.kind}={entry.name})")
+            for name, default, search, help_text in describe_fields(entry.config, skip=("name", "arch")):
+                line = f"      {registry.kind}.{name}={default!s}"
+                if search:
+                    line += f"   search: {search}"
+                if help_text:
+                    line += f"   # {help_text}"
+                print(line)

@@ -1,0 +1,164 @@
+"""Config schemas, hparams-seed sampling and the identity of a run.
+
+The root config (`conf/config.yaml`) composes five groups: `dataset`, `algorithm`
+and `backbone` come from the registries (each registered dataclass is a config
+node), `trainer` and `logger` from the schemas below plus YAML presets in `conf/`.
+Structured configs make Hydra reject unknown keys and wrong types at composition,
+naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from dgbench.errors import ConfigError
+from dgbench.hparams import sample_hparams, seed_hash
+from dgbench.registry import ALGORITHMS, BACKBONES, DATASETS, Registry
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Pipeline(str, enum.Enum):
+    reference = "reference"  # PIL decode + torchvision transforms per sample (DomainBed's path)
+
+
+@dataclass
+class DataConfig:
+    pipeline: Pipeline = Pipeline.reference
+    resolution: int | None = None  # working resolution in px; default: the dataset's
+    augment: bool = True  # DomainBed's training augmentation (crop, flip, colour jitter, grayscale)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int | None = None  # training steps; default: the dataset's (DomainBed: 5001)
+    checkpoint_freq: int | None = None  # evaluate + checkpoint every N steps; default: the dataset's
+    device: Device = Device.auto  # auto: CUDA when available, else CPU
+    num_workers: int = 0  # DataLoader worker processes per training domain and for evaluation
+    eval_batch_size: int = 256
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    progress: bool = True  # progress bar with step, loss and ETA
+
+
+@dataclass
+class JsonlLoggerConfig:
+    kind: str = "jsonl"  # records go to results.jsonl only
+
+
+@dataclass
+class WandbLoggerConfig:
+    kind: str = "wandb"  # results.jsonl plus a Weights & Biases run
+    project: str = "dgbench"
+    entity: str | None = None
+    mode: str = "online"  # online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RootConfig:
+    dataset: Any = MISSING
+    algorithm: Any = MISSING
+    backbone: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    hparams_seed: int = 0  # 0: defaults; k>0: DomainBed-style random search draw k
+    trial_seed: int = 0  # selects the in/out splits and the training seed
+    output_dir: str = "outputs"  # root of all run directories
+    name: str = "default"  # experiment or sweep name: runs live in <output_dir>/<name>/<run_id>
+
+
+def register_schemas() -> None:
+    """Make the non-registry schemas visible to Hydra (idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="config_schema", node=RootConfig)
+    store.store(group="trainer", name="schema", node=TrainerConfig)
+    store.store(group="logger", name="jsonl_schema", node=JsonlLoggerConfig)
+    store.store(group="logger", name="wandb_schema", node=WandbLoggerConfig)
+
+
+# Groups whose nodes come from a registry: the hparams_seed search draws their searchable fields.
+SEARCHED_GROUPS: dict[str, tuple[Registry[Any], str]] = {
+    "dataset": (DATASETS, "name"),
+    "algorithm": (ALGORITHMS, "name"),
+    "backbone": (BACKBONES, "arch"),
+}
+
+# Keys that say where or how to show a run, not what it computes: left out of the run id.
+NON_DEFINING_KEYS = (
+    "output_dir",
+    "name",
+    "dataset.root",
+    "trainer.device",
+    "trainer.num_workers",
+    "trainer.eval_batch_size",
+    "trainer.progress",
+    "logger",
+)
+
+
+def override_keys(overrides: Iterable[str]) -> set[str]:
+    """Config keys set explicitly by command-line overrides (`a.b=1`, `+a.b=1`, `~a.b`)."""
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def apply_hparams_seed(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Replace searchable hparams by their draw for `cfg.hparams_seed` (in place).
+
+    Explicit overrides win over sampled values. Returns what was sampled, keyed `group.field`.
+    """
+    explicit = override_keys(overrides)
+    applied: dict[str, Any] = {}
+    for group, (registry, name_field) in SEARCHED_GROUPS.items():
+        node = cfg[group]
+        config_cls = registry.get(node[name_field]).config
+        for key, value in sample_hparams(config_cls, cfg.hparams_seed, cfg.trial_seed).items():
+            if f"{group}.{key}" not in explicit:
+                node[key] = value
+                applied[f"{group}.{key}"] = value
+    return applied
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config minus the keys that do not change what the run computes."""
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    for dotted in NON_DEFINING_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = container
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return container
+
+
+def run_id(cfg: DictConfig) -> str:
+    """Stable 16-hex id of what defines the run (not paths, devices or launcher settings)."""
+    payload = json.dumps(run_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def training_seed(
+    dataset: str, algorithm: str, test_envs: list[int], hparams_seed: int, trial_seed: int
+) -> int:
+    """Seed of model init, sampling and augmentation, as DomainBed's sweep derives it."""
+    return seed_hash(dataset, algorithm, tuple(test_envs), hparams_seed, trial_seed)
+
+
+def require_positive(value: int, key: str) -> int:
+    if value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value}")
+    return value

@@ -1,0 +1,1 @@
+"""Datasets, splits, transforms and loaders (registration happens in `dgbench.components`)."""

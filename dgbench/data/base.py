@@ -1,0 +1,116 @@
+"""The multi-domain dataset interface every registered dataset implements.
+
+A `MultiDomainDataset` has ordered `domains`, sorted `classes`, and one map-style
+`DomainData` per domain yielding `(PIL.Image RGB, label)`. Transforms, splits and
+loaders are the trainer's business (see `dgbench.data.loaders`), so a dataset only
+has to say what its images are and where they come from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dgbench.errors import ConfigError
+
+DATA_ENV = "DGBENCH_DATA"
+
+
+@dataclass(kw_only=True)
+class DatasetConfig:
+    """Config keys shared by every dataset (`dataset.<key>=...`)."""
+
+    name: str = "?"
+    root: str | None = None  # data root; default: $DGBENCH_DATA, else ./data
+    test_envs: list[Any] = field(default_factory=lambda: [0])  # indices or domain names
+    holdout_fraction: float = 0.2  # share of each domain held out as its `out` split
+
+
+def data_root(root: str | None) -> Path:
+    """The data root: the configured one, else `$DGBENCH_DATA`, else `./data`."""
+    return Path(root or os.environ.get(DATA_ENV) or "data").expanduser()
+
+
+class DomainData:
+    """One domain: a map-style dataset of `(PIL.Image, int)` pairs.
+
+    Subclasses set `labels` (int64 array, one per sample) and `ids` (a stable
+    identifier per sample, such as `<class>/<file>`, used to audit splits), and
+    implement `load_image`.
+    """
+
+    name: str
+    labels: np.ndarray
+    ids: Sequence[str]
+
+    def load_image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load_image(index), int(self.labels[index])
+
+
+class MultiDomainDataset:
+    """Ordered domains of one classification task.
+
+    Class attributes give the DomainBed protocol defaults for the dataset; the
+    trainer uses them when the config leaves the matching key unset.
+    """
+
+    name: str = "?"
+    resolution: int = 224  # working resolution of the images fed to the network
+    steps: int = 5001  # DomainBed N_STEPS
+    checkpoint_freq: int = 100  # evaluate every this many steps
+
+    def __init__(self, domains: Sequence[DomainData], classes: Sequence[str]) -> None:
+        self.domain_data = list(domains)
+        self.classes = list(classes)
+
+    @property
+    def domains(self) -> list[str]:
+        return [d.name for d in self.domain_data]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.domain_data)
+
+    def __getitem__(self, index: int) -> DomainData:
+        return self.domain_data[index]
+
+    def resolve_test_envs(self, test_envs: Sequence[Any]) -> list[int]:
+        """Map test environments given as indices or domain names to sorted indices."""
+        resolved = set()
+        for env in test_envs:
+            if isinstance(env, str) and not env.lstrip("-").isdigit():
+                if env not in self.domains:
+                    raise ConfigError(
+                        f"dataset.test_envs: unknown domain {env!r} for {self.name}; "
+                        f"valid: {', '.join(self.domains)} or indices 0..{len(self) - 1}"
+                    )
+                resolved.add(self.domains.index(env))
+                continue
+            index = int(env)
+            if not 0 <= index < len(self):
+                raise ConfigError(
+                    f"dataset.test_envs: index {index} out of range for {self.name} "
+                    f"({len(self)} domains: {', '.join(self.domains)})"
+                )
+            resolved.add(index)
+        if len(resolved) >= len(self):
+            raise ConfigError(
+                f"dataset.test_envs={list(test_envs)} leaves no training domain; "
+                f"{self.name} has {len(self)} domains"
+            )
+        return sorted(resolved)

@@ -1,0 +1,95 @@
+"""Split views and loaders whose randomness is a pure function of (seed, step).
+
+DomainBed draws every training minibatch with replacement (`RandomSampler(
+replacement=True)` in its `InfiniteDataLoader`). Here the indices of the batch at
+step `s` come from a generator seeded with `seed_hash(seed, domain, s)`, and each
+sample's augmentation from a seed derived from its position in the stream. So the
+data a run sees does not depend on worker count, prefetching or restarts: resuming
+at step `s` needs no sampler state, and a resumed run is identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dgbench.data.base import DomainData
+from dgbench.data.transforms import ImageTransform
+from dgbench.hparams import seed_hash
+
+SampleKey = tuple[int, int]  # (index into the split, augmentation seed)
+
+
+class SplitView(Dataset):
+    """The samples `indices` of one domain, with a transform.
+
+    Items are addressed by an index, or by `(index, seed)` to make the random
+    transform reproducible: the seed is applied in a forked RNG, so neither the main
+    process's nor a worker's global RNG is disturbed.
+    """
+
+    def __init__(self, domain: DomainData, indices: Sequence[int], transform: ImageTransform) -> None:
+        self.domain = domain
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        if isinstance(key, tuple):
+            position, seed = key
+            image, label = self.domain[int(self.indices[position])]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self.transform(image), label
+        image, label = self.domain[int(self.indices[key])]
+        return self.transform(image), label
+
+
+class StepBatchSampler(Sampler[list[SampleKey]]):
+    """Infinite batches drawn with replacement; batch `s` is a function of (seed, s) alone."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, start_step: int = 0) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_step = start_step
+
+    def batch(self, step: int) -> list[SampleKey]:
+        generator = torch.Generator().manual_seed(seed_hash(self.seed, step))
+        indices = torch.randint(self.size, (self.batch_size,), generator=generator).tolist()
+        first = step * self.batch_size
+        return [(i, (self.seed + first + j) % 2**63) for j, i in enumerate(indices)]
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        step = self.start_step
+        while True:
+            yield self.batch(step)
+            step += 1
+
+
+def train_loader(
+    view: SplitView, batch_size: int, seed: int, start_step: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    """An infinite loader over one training domain, starting at `start_step`."""
+    return DataLoader(
+        view,
+        batch_sampler=StepBatchSampler(len(view), batch_size, seed, start_step),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # An own generator keeps DataLoader from drawing its base seed from the global RNG,
+        # which would make the training RNG stream depend on when loaders were created.
+        generator=torch.Generator(),
+        persistent_workers=False,
+    )
+
+
+def eval_loader(view: SplitView, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        view, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory
+    )

@@ -1,0 +1,143 @@
+"""Hyper-parameter declaration and DomainBed-style random search.
+
+A component declares its hyper-parameters once, as dataclass fields. A searchable
+field carries its random-search distribution in the field metadata:
+
+    lr: float = hparam(5e-5, LogUniform(-5, -3.5))
+
+`hparams_seed=0` keeps the defaults. For `hparams_seed=k>0` every searchable field is
+drawn from its own `numpy.random.RandomState(seed_hash(seed_hash(k, trial_seed), name))`,
+as DomainBed's `hparams_registry` does at HEAD: adding a field never shifts the values
+sampled for the others, and the same (k, trial_seed) always gives the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SEARCH_KEY = "search"
+
+
+def seed_hash(*args: Any) -> int:
+    """DomainBed's `misc.seed_hash`: md5 of the tuple repr, modulo 2**31.
+
+    Arguments must be plain Python values: `str((np.int64(0),))` differs from `str((0,))`.
+    """
+    args = tuple(int(a) if isinstance(a, np.integer) else a for a in args)
+    return int(hashlib.md5(str(args).encode("utf-8")).hexdigest(), 16) % (2**31)
+
+
+class Distribution:
+    """A random-search distribution; `sample` consumes the RandomState like DomainBed's lambdas."""
+
+    def sample(self, rng: np.random.RandomState) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+@dataclass(frozen=True)
+class LogUniform(Distribution):
+    """`base ** U(low, high)` (DomainBed: `10**r.uniform(-5, -3.5)`)."""
+
+    low: float
+    high: float
+    base: float = 10.0
+
+    def sample(self, rng: np.random.RandomState) -> float:
+        return float(self.base ** rng.uniform(self.low, self.high))
+
+    def describe(self) -> str:
+        return f"{self.base:g}^U({self.low:g}, {self.high:g})"
+
+
+@dataclass(frozen=True)
+class Uniform(Distribution):
+    low: float
+    high: float
+
+    def sample(self, rng: np.random.RandomState) -> float:
+        return float(rng.uniform(self.low, self.high))
+
+    def describe(self) -> str:
+        return f"U({self.low:g}, {self.high:g})"
+
+
+@dataclass(frozen=True)
+class IntLogUniform(Distribution):
+    """`int(base ** U(low, high))` (DomainBed batch size: `int(2**r.uniform(3, 5.5))`)."""
+
+    low: float
+    high: float
+    base: float = 2.0
+
+    def sample(self, rng: np.random.RandomState) -> int:
+        return int(self.base ** rng.uniform(self.low, self.high))
+
+    def describe(self) -> str:
+        return f"int({self.base:g}^U({self.low:g}, {self.high:g}))"
+
+
+@dataclass(frozen=True)
+class Choice(Distribution):
+    """Uniform choice among `options` (DomainBed: `r.choice([0., 0.1, 0.5])`)."""
+
+    options: tuple[Any, ...]
+
+    def __init__(self, options: Sequence[Any]) -> None:
+        object.__setattr__(self, "options", tuple(options))
+
+    def sample(self, rng: np.random.RandomState) -> Any:
+        value = self.options[int(rng.choice(len(self.options)))]
+        return value.item() if isinstance(value, np.generic) else value
+
+    def describe(self) -> str:
+        return "choice{" + ", ".join(repr(o) for o in self.options) + "}"
+
+
+def hparam(default: Any, search: Distribution | None = None, help: str = "") -> Any:
+    """Declare a dataclass field with a default and, if searchable, its distribution."""
+    metadata = {SEARCH_KEY: search, "help": help}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def search_space(config_cls: type) -> dict[str, Distribution]:
+    """The searchable fields of a config dataclass and their distributions."""
+    return {
+        f.name: f.metadata[SEARCH_KEY]
+        for f in dataclasses.fields(config_cls)
+        if f.metadata.get(SEARCH_KEY) is not None
+    }
+
+
+def sample_hparams(config_cls: type, hparams_seed: int, trial_seed: int) -> dict[str, Any]:
+    """Values for every searchable field of `config_cls`; empty for `hparams_seed == 0`."""
+    if hparams_seed == 0:
+        return {}
+    seed = seed_hash(hparams_seed, trial_seed)
+    return {
+        name: dist.sample(np.random.RandomState(seed_hash(seed, name)))
+        for name, dist in search_space(config_cls).items()
+    }
+
+
+def describe_fields(config_cls: type, skip: Iterable[str] = ()) -> list[tuple[str, Any, str, str]]:
+    """(name, default, search description, help) per field, for `dgbench list`."""
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(default, "value", default)  # enums print as their value
+        dist = f.metadata.get(SEARCH_KEY)
+        rows.append((f.name, default, dist.describe() if dist else "", f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,278 @@
+"""One run: build -> train loop -> evaluate every domain -> records, checkpoints, `done`.
+
+A run is (dataset, algorithm, backbone, test_envs, hparams_seed, trial_seed). Its
+directory `<output_dir>/<name>/<run_id>` is named by a hash of what defines it, so
+relaunching the same command finds it: a done run returns at once, an unfinished one
+resumes from its last checkpoint and ends with the same records as an uninterrupted
+run (on CPU; CUDA kernels are not bit-deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import resource
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from dgbench.algorithms.base import Algorithm
+from dgbench.atomic import atomic_write_json, atomic_write_text
+from dgbench.backbones import build_backbone
+from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from dgbench.config import Device, apply_hparams_seed, require_positive, run_id, training_seed
+from dgbench.data.base import MultiDomainDataset
+from dgbench.data.loaders import SplitView, eval_loader, train_loader
+from dgbench.data.splits import split_indices
+from dgbench.data.transforms import eval_transform, train_transform
+from dgbench.errors import DGBenchError
+from dgbench.hparams import seed_hash
+from dgbench.loggers import build_sink
+from dgbench.records import RESULTS_FILE, append_record, truncate_records, write_records
+from dgbench.registry import ALGORITHMS, DATASETS
+
+log = logging.getLogger(__name__)
+DONE_FILE = "done"
+STATUS_FILE = "status.json"
+
+
+class DivergedError(DGBenchError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    record: dict[str, Any] | None  # the final record; None when the run was already done
+    domains: list[str]
+    test_envs: list[int]
+
+
+def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
+    """Train (or resume, or skip) the run `cfg` describes. `overrides` are the command-line ones."""
+    apply_hparams_seed(cfg, overrides)
+    dataset: MultiDomainDataset = DATASETS.get(cfg.dataset.name).obj(OmegaConf.to_object(cfg.dataset))
+    test_envs = dataset.resolve_test_envs(cfg.dataset.test_envs)
+    cfg.dataset.test_envs = test_envs  # indices, so `test_envs=[photo]` and `[2]` are one run
+    run_dir = Path(cfg.output_dir) / cfg.name / run_id(cfg)
+    if (run_dir / DONE_FILE).exists():
+        log.info("run %s is already done (%s); nothing to train", run_dir.name, run_dir / DONE_FILE)
+        return RunResult(run_dir, None, dataset.domains, test_envs)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STATUS_FILE).unlink(missing_ok=True)
+    handler = _log_to_file(run_dir / "train.log")
+    try:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        record = _train(cfg, dataset, test_envs, run_dir)
+        atomic_write_text(run_dir / DONE_FILE, "")
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a done run never resumes; save the disk
+        return RunResult(run_dir, record, dataset.domains, test_envs)
+    except BaseException as error:
+        if not isinstance(error, KeyboardInterrupt):
+            atomic_write_json(
+                run_dir / STATUS_FILE, {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+            )
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _train(
+    cfg: DictConfig, dataset: MultiDomainDataset, test_envs: list[int], run_dir: Path
+) -> dict[str, Any]:
+    device = _device(Device(cfg.trainer.device).value)
+    on_cuda = device.type == "cuda"
+    seed = training_seed(cfg.dataset.name, cfg.algorithm.name, test_envs, cfg.hparams_seed, cfg.trial_seed)
+    _seed_everything(seed)
+
+    hparams = OmegaConf.to_object(cfg.algorithm)
+    backbone = build_backbone(OmegaConf.to_object(cfg.backbone))
+    train_envs = [i for i in range(len(dataset)) if i not in test_envs]
+    algorithm: Algorithm = ALGORITHMS.get(cfg.algorithm.name).obj(
+        backbone, dataset.num_classes, len(train_envs), hparams
+    )
+    memory_format = torch.channels_last if on_cuda and cfg.trainer.channels_last else torch.preserve_format
+    algorithm.to(device=device, memory_format=memory_format)
+
+    steps = require_positive(cfg.trainer.steps or dataset.steps, "trainer.steps")
+    freq = require_positive(cfg.trainer.checkpoint_freq or dataset.checkpoint_freq, "trainer.checkpoint_freq")
+    results = run_dir / RESULTS_FILE
+    checkpoint = run_dir / CHECKPOINT_FILE
+    start = 0
+    if checkpoint.exists():
+        last = load_checkpoint(checkpoint, algorithm, device)
+        truncate_records(results, last)
+        start = last + 1
+        log.info("resuming run %s after step %d", run_dir.name, last)
+    else:
+        write_records(results, [])  # a record without a checkpoint is from a run that died
+
+    resolution = cfg.data.resolution or dataset.resolution
+    train_tf = train_transform(resolution, backbone.mean, backbone.std, cfg.data.augment)
+    eval_tf = eval_transform(resolution, backbone.mean, backbone.std)
+    splits = [
+        split_indices(len(d), cfg.dataset.holdout_fraction, cfg.trial_seed, i) for i, d in enumerate(dataset)
+    ]
+    batch_size = require_positive(hparams.batch_size, "algorithm.batch_size")
+    workers = cfg.trainer.num_workers
+    iterators = [
+        iter(
+            train_loader(
+                SplitView(dataset[i], splits[i][1], train_tf),
+                batch_size,
+                seed_hash(seed, i),
+                start,
+                workers,
+                on_cuda,
+            )
+        )
+        for i in train_envs
+    ]
+    eval_views = {
+        (dataset.domains[i], split): SplitView(dataset[i], splits[i][0 if split == "out" else 1], eval_tf)
+        for i in range(len(dataset))
+        for split in ("in", "out")
+    }
+    steps_per_epoch = min(len(splits[i][1]) / batch_size for i in train_envs)
+    identity = {
+        "run_id": run_dir.name,
+        "dataset": cfg.dataset.name,
+        "algorithm": cfg.algorithm.name,
+        "backbone": cfg.backbone.name,
+        "test_envs": test_envs,
+        "hparams_seed": cfg.hparams_seed,
+        "trial_seed": cfg.trial_seed,
+        "hparams": {k: v for k, v in OmegaConf.to_container(cfg.algorithm).items() if k != "name"},
+    }
+    sink = build_sink(
+        cfg.logger, run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    )
+    autocast = _autocast(device, cfg.trainer.amp)
+
+    meter: dict[str, list[float]] = defaultdict(list)
+    step_seconds = 0.0
+    record: dict[str, Any] = {}
+    bar = tqdm(
+        total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
+    )
+    algorithm.train()
+    for step in range(start, steps):
+        tick = time.perf_counter()
+        batches = [_to_device(next(it), device, memory_format) for it in iterators]
+        with autocast:
+            metrics = algorithm.update(batches)
+        step_seconds += time.perf_counter() - tick
+        if not math.isfinite(metrics["loss"]):
+            raise DivergedError(f"training loss became {metrics['loss']} at step {step}; run marked failed")
+        for key, value in metrics.items():
+            meter[key].append(float(value))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+
+        if step % freq == 0 or step == steps - 1:
+            means = {key: float(np.mean(values)) for key, values in meter.items()}
+            record = {
+                **identity,
+                "step": step,
+                "epoch": (step + 1) / steps_per_epoch,
+                "loss": means.pop("loss"),
+                "metrics": means,
+                "acc": _evaluate(algorithm, eval_views, cfg.trainer, device, memory_format, autocast),
+                "step_time": step_seconds / len(meter["loss"]),
+                "mem_gb": _peak_memory_gb(device),
+            }
+            # Record first, then checkpoint: a crash in between leaves a record newer than the
+            # checkpoint, which the resumed run drops and recomputes identically.
+            append_record(results, record)
+            sink.log(record)
+            save_checkpoint(checkpoint, algorithm, step)
+            meter.clear()
+            step_seconds = 0.0
+    bar.close()
+    sink.finish()
+    return record
+
+
+@torch.no_grad()
+def _evaluate(
+    algorithm: Algorithm,
+    views: dict[tuple[str, str], SplitView],
+    trainer_cfg: Any,
+    device: torch.device,
+    memory_format: torch.memory_format,
+    autocast: AbstractContextManager[Any],
+) -> dict[str, dict[str, float]]:
+    """Accuracy of the `in` and `out` split of every domain, in large no-grad batches."""
+    algorithm.eval()
+    acc: dict[str, dict[str, float]] = defaultdict(dict)
+    for (domain, split), view in views.items():
+        correct = total = 0
+        loader = eval_loader(
+            view, trainer_cfg.eval_batch_size, trainer_cfg.num_workers, device.type == "cuda"
+        )
+        for x, y in loader:
+            x, y = _to_device((x, y), device, memory_format)
+            with autocast:
+                predicted = algorithm.predict(x).argmax(dim=1)
+            correct += int((predicted == y).sum())
+            total += len(y)
+        acc[domain][split] = correct / total if total else float("nan")
+    algorithm.train()
+    return dict(acc)
+
+
+def _to_device(
+    batch: Any, device: torch.device, memory_format: torch.memory_format
+) -> tuple[torch.Tensor, ...]:
+    x, y = batch
+    x = x.to(device, non_blocking=True, memory_format=memory_format)
+    return x, y.to(device, non_blocking=True)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DGBenchError(
+            "trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu"
+        )
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[Any]:
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,50 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+from dgbench.atomic import atomic_write_text
+from dgbench.records import RECORD_KEYS, append_record, read_records, truncate_records
+
+
+def _record(step):
+    return {key: None for key in RECORD_KEYS} | {"step": step, "acc": {"a": {"in": 0.5, "out": 0.25}}}
+
+
+def test_append_read_truncate_round_trip(tmp_path):
+    path = tmp_path / "results.jsonl"
+    assert read_records(path) == []
+    for step in (0, 100, 200):
+        append_record(path, _record(step))
+    assert [r["step"] for r in read_records(path)] == [0, 100, 200]
+    assert read_records(path)[1]["acc"] == {"a": {"in": 0.5, "out": 0.25}}
+    truncate_records(path, 100)
+    assert [r["step"] for r in read_records(path)] == [0, 100]
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_atomic_write_leaves_old_file_when_killed_mid_write(tmp_path):
+    target = tmp_path / "file.txt"
+    atomic_write_text(target, "old content\n")
+    # A child process starts replacing the file with a huge payload and is SIGKILLed mid-write.
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from dgbench.atomic import atomic_write
+        def slow(handle):
+            handle.write(b"new" * 1000)
+            handle.flush()
+            print("writing", flush=True)
+            import time; time.sleep(60)
+        atomic_write({str(target)!r}, slow)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert target.read_text() == "old content\n"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "file.txt"]
+    assert all(name.endswith(".tmp") for name in leftovers)  # never the target name
