@@ -28,8 +28,7 @@ class SplitView(Dataset):
     """The samples `indices` of one domain, with a transform.
 
     Items are addressed by an index, or by `(index, seed)` to make the random
-    transform reproducible: the seed is applied in a forked RNG, so neither the main
-    process's nor a worker's global RNG is disturbed.
+    transform reproducible: its draws come from a generator seeded with `seed`.
     """
 
     def __init__(self, domain: DomainData, indices: Sequence[int], transform: ImageTransform) -> None:
@@ -41,14 +40,12 @@ class SplitView(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, int]:
+        position, generator = key, None
         if isinstance(key, tuple):
             position, seed = key
-            image, label = self.domain[int(self.indices[position])]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return self.transform(image), label
-        image, label = self.domain[int(self.indices[key])]
-        return self.transform(image), label
+            generator = torch.Generator().manual_seed(seed)
+        image, label = self.domain[int(self.indices[position])]
+        return self.transform(image, generator), label
 
 
 class StepBatchSampler(Sampler[list[SampleKey]]):

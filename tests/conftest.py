@@ -1,0 +1,38 @@
+"""Shared fixtures: compose dgbench configs the way the CLI does, with outputs in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see dgbench.cli.quiet_openmp
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from dgbench.cli import conf_dir
+from dgbench.components import load_components
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data root per test session, so the embedded dataset is generated once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, data_root: Path) -> Callable[..., DictConfig]:
+    """Compose the root config with overrides; returns (cfg, overrides) like the Hydra app sees them."""
+    load_components()
+
+    def _make(*overrides: str) -> DictConfig:
+        base = [f"output_dir={tmp_path / 'outputs'}", f"dataset.root={data_root}", "trainer.progress=false"]
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose("config", overrides=[*base, *overrides])
+
+    return _make

@@ -1,0 +1,123 @@
+"""The trainer: records, done marker, resume equality, hparams_seed, run identity, failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dgbench.algorithms.erm import ERMHParams
+from dgbench.checkpoint import CHECKPOINT_FILE
+from dgbench.config import run_id
+from dgbench.errors import ConfigError
+from dgbench.hparams import sample_hparams
+from dgbench.records import RECORD_KEYS, read_records
+from dgbench.train import DONE_FILE, STATUS_FILE, DivergedError, train
+
+FAST = ("trainer.steps=7", "trainer.checkpoint_freq=3", "algorithm.batch_size=8")
+TIMING_KEYS = ("step_time", "mem_gb")
+
+
+def _strip_timing(record):
+    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
+
+
+def test_run_writes_records_for_every_domain_and_a_done_marker(make_cfg):
+    overrides = [*FAST, "dataset.test_envs=[sketch]"]
+    result = train(make_cfg(*overrides), overrides)
+    records = read_records(result.run_dir / "results.jsonl")
+    assert [r["step"] for r in records] == [0, 3, 6]  # every checkpoint_freq steps and the last step
+    final = records[-1]
+    assert tuple(sorted(final)) == tuple(sorted(RECORD_KEYS))
+    assert final["test_envs"] == [result.domains.index("sketch")]
+    assert final["algorithm"] == "erm" and final["dataset"] == "embedded" and final["backbone"] == "small_cnn"
+    assert set(final["acc"]) == set(result.domains) and len(result.domains) >= 4
+    for splits in final["acc"].values():
+        assert set(splits) == {"in", "out"} and all(0.0 <= a <= 1.0 for a in splits.values())
+    assert final["hparams"]["batch_size"] == 8
+    assert final["hparams"]["lr"] == 1e-3  # conf/dataset_hparams/embedded.yaml
+    assert final["loss"] > 0 and final["step_time"] > 0 and final["mem_gb"] > 0 and final["epoch"] > 0
+    assert (result.run_dir / DONE_FILE).exists() and (result.run_dir / "config.yaml").exists()
+    assert not (result.run_dir / CHECKPOINT_FILE).exists()
+
+    again = train(make_cfg(*overrides), overrides)  # relaunch: nothing to do
+    assert again.record is None and again.run_dir == result.run_dir
+    assert len(read_records(result.run_dir / "results.jsonl")) == 3
+
+
+def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, monkeypatch):
+    overrides = list(FAST)
+    reference = train(make_cfg(*overrides, "name=uninterrupted"), overrides).record
+
+    import dgbench.train as train_module
+
+    real_save = train_module.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_second_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # like a kill: no status, checkpoint at step 3 stays
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_second_checkpoint)
+    cfg = make_cfg(*overrides, "name=interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, overrides)
+    run_dir = cfg.output_dir + "/interrupted"
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train(make_cfg(*overrides, "name=interrupted"), overrides)
+    assert str(resumed.run_dir).startswith(run_dir)
+    assert [r["step"] for r in read_records(resumed.run_dir / "results.jsonl")] == [0, 3, 6]
+    assert _strip_timing(resumed.record) == _strip_timing(reference)
+
+
+def test_hparams_seed_samples_and_explicit_overrides_win(make_cfg):
+    overrides = ["trainer.steps=2", "trainer.checkpoint_freq=5", "hparams_seed=3", "algorithm.lr=0.0002"]
+    cfg = make_cfg(*overrides)
+    result = train(cfg, overrides)
+    sampled = sample_hparams(ERMHParams, 3, 0)
+    hparams = result.record["hparams"]
+    assert hparams["lr"] == 0.0002
+    assert hparams["batch_size"] == sampled["batch_size"]
+    assert hparams["dropout"] == sampled["dropout"]
+    assert hparams["weight_decay"] == pytest.approx(sampled["weight_decay"])
+
+
+def test_run_id_ignores_paths_and_devices_but_not_hparams(make_cfg):
+    base = make_cfg("dataset.test_envs=[0]")
+    assert run_id(base) == run_id(
+        make_cfg("dataset.test_envs=[0]", "output_dir=/elsewhere", "trainer.device=cpu")
+    )
+    assert run_id(base) != run_id(make_cfg("dataset.test_envs=[0]", "algorithm.lr=0.002"))
+    assert run_id(base) != run_id(make_cfg("dataset.test_envs=[0]", "trial_seed=1"))
+
+
+def test_test_envs_by_name_and_by_index_are_the_same_run(make_cfg):
+    by_index = train(make_cfg(*FAST, "dataset.test_envs=[0]"), FAST)
+    by_name = train(make_cfg(*FAST, f"dataset.test_envs=[{by_index.domains[0]}]"), FAST)
+    assert by_name.run_dir == by_index.run_dir and by_name.record is None
+
+
+@pytest.mark.parametrize(
+    ("test_envs", "message"),
+    [
+        ("[nowhere]", "unknown domain 'nowhere'"),
+        ("[9]", "index 9 out of range"),
+        ("[0,1,2,3]", "no training"),
+    ],
+)
+def test_bad_test_envs_are_named(make_cfg, test_envs, message):
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(*FAST, f"dataset.test_envs={test_envs}"))
+
+
+def test_diverging_run_is_marked_failed(make_cfg):
+    overrides = [*FAST, "algorithm.lr=1e12"]
+    cfg = make_cfg(*overrides)
+    with pytest.raises(DivergedError, match="training loss became"):
+        train(cfg, overrides)
+    (run_dir,) = (Path(cfg.output_dir) / "default").iterdir()
+    status = (run_dir / STATUS_FILE).read_text()
+    assert '"failed"' in status and "DivergedError" in status
+    assert not (run_dir / DONE_FILE).exists()
