@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dgbench.errors import ConfigError
-from dgbench.hparams import sample_hparams, seed_hash
+from dgbench.hparams import Distribution, parse_distribution, sample_hparams, search_space, seed_hash
 from dgbench.registry import ALGORITHMS, BACKBONES, DATASETS, Registry
 
 
@@ -79,6 +79,8 @@ class RootConfig:
     trial_seed: int = 0  # selects the in/out splits and the training seed
     output_dir: str = "outputs"  # root of all run directories
     name: str = "default"  # experiment or sweep name: runs live in <output_dir>/<name>/<run_id>
+    # Replacement search distributions, e.g. {algorithm: {lr: "10^U(-4.5, -2.5)"}} (see hparams.py).
+    search: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def register_schemas() -> None:
@@ -107,6 +109,7 @@ NON_DEFINING_KEYS = (
     "trainer.eval_batch_size",
     "trainer.progress",
     "logger",
+    "search",  # what it draws is in the config itself
 )
 
 
@@ -125,11 +128,28 @@ def apply_hparams_seed(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[s
     for group, (registry, name_field) in SEARCHED_GROUPS.items():
         node = cfg[group]
         config_cls = registry.get(node[name_field]).config
-        for key, value in sample_hparams(config_cls, cfg.hparams_seed, cfg.trial_seed).items():
+        replaced = search_overrides(cfg, group, config_cls)
+        for key, value in sample_hparams(config_cls, cfg.hparams_seed, cfg.trial_seed, replaced).items():
             if f"{group}.{key}" not in explicit:
                 node[key] = value
                 applied[f"{group}.{key}"] = value
     return applied
+
+
+def search_overrides(cfg: DictConfig, group: str, config_cls: type) -> dict[str, Distribution]:
+    """The `search.<group>` distributions, validated against the group's searchable fields."""
+    replaced = {}
+    for key, spec in cfg.get("search", {}).get(group, {}).items():
+        if key not in search_space(config_cls):
+            raise ConfigError(
+                f"search.{group}.{key}: {key!r} is not a searchable hparam of {config_cls.__name__}; "
+                f"searchable: {', '.join(search_space(config_cls)) or '(none)'}"
+            )
+        try:
+            replaced[key] = parse_distribution(spec)
+        except ValueError as error:
+            raise ConfigError(f"search.{group}.{key}: {error}") from None
+    return replaced
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:

@@ -13,8 +13,10 @@ sampled for the others, and the same (k, trial_seed) always gives the same confi
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +112,33 @@ def hparam(default: Any, search: Distribution | None = None, help: str = "") -> 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+_NUMBER = r"\s*(-?[\d.eE+-]+)\s*"
+_SPECS: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(rf"int\({_NUMBER}\^U\({_NUMBER},{_NUMBER}\)\)$"), lambda b, lo, hi: IntLogUniform(lo, hi, b)),
+    (re.compile(rf"{_NUMBER}\^U\({_NUMBER},{_NUMBER}\)$"), lambda b, lo, hi: LogUniform(lo, hi, b)),
+    (re.compile(rf"U\({_NUMBER},{_NUMBER}\)$"), lambda lo, hi: Uniform(lo, hi)),
+]
+
+
+def parse_distribution(spec: str) -> Distribution:
+    """Parse what `Distribution.describe()` prints: `10^U(-5, -3.5)`, `int(2^U(3, 5.5))`,
+    `U(0, 1)`, `choice{0.0, 0.1, 0.5}`; so search spaces can be changed from configs."""
+    text = spec.strip()
+    if text.startswith("choice{") and text.endswith("}"):
+        try:
+            return Choice(ast.literal_eval("[" + text[len("choice{") : -1] + "]"))
+        except (ValueError, SyntaxError):
+            pass
+    for pattern, build in _SPECS:
+        match = pattern.match(text)
+        if match:
+            return build(*(float(g) for g in match.groups()))
+    raise ValueError(
+        f"cannot parse search distribution {spec!r}; use one of 10^U(lo, hi), int(2^U(lo, hi)), "
+        "U(lo, hi), choice{a, b, ...}"
+    )
+
+
 def search_space(config_cls: type) -> dict[str, Distribution]:
     """The searchable fields of a config dataclass and their distributions."""
     return {
@@ -119,15 +148,22 @@ def search_space(config_cls: type) -> dict[str, Distribution]:
     }
 
 
-def sample_hparams(config_cls: type, hparams_seed: int, trial_seed: int) -> dict[str, Any]:
-    """Values for every searchable field of `config_cls`; empty for `hparams_seed == 0`."""
+def sample_hparams(
+    config_cls: type,
+    hparams_seed: int,
+    trial_seed: int,
+    overrides: dict[str, Distribution] | None = None,
+) -> dict[str, Any]:
+    """Values for every searchable field of `config_cls`; empty for `hparams_seed == 0`.
+
+    `overrides` replaces (or adds) the distributions of some fields, e.g. a dataset's
+    own search range for the learning rate.
+    """
     if hparams_seed == 0:
         return {}
+    space = {**search_space(config_cls), **(overrides or {})}
     seed = seed_hash(hparams_seed, trial_seed)
-    return {
-        name: dist.sample(np.random.RandomState(seed_hash(seed, name)))
-        for name, dist in search_space(config_cls).items()
-    }
+    return {name: dist.sample(np.random.RandomState(seed_hash(seed, name))) for name, dist in space.items()}
 
 
 def describe_fields(config_cls: type, skip: Iterable[str] = ()) -> list[tuple[str, Any, str, str]]:

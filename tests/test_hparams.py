@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 
 from dgbench.algorithms.erm import ERMHParams
-from dgbench.hparams import Choice, IntLogUniform, LogUniform, hparam, sample_hparams, search_space, seed_hash
+from dgbench.hparams import (
+    Choice,
+    IntLogUniform,
+    LogUniform,
+    Uniform,
+    hparam,
+    parse_distribution,
+    sample_hparams,
+    search_space,
+    seed_hash,
+)
 
 
 def test_seed_hash_matches_domainbed_and_ignores_numpy_int_types():
@@ -59,3 +69,31 @@ def test_distribution_descriptions_and_search_space():
     assert space["batch_size"].describe() == "int(2^U(3, 5.5))"
     assert Choice([0, 1]).describe() == "choice{0, 1}"
     assert isinstance(IntLogUniform(3, 5).sample(np.random.RandomState(0)), int)
+
+
+@pytest.mark.parametrize(
+    "dist",
+    [
+        LogUniform(-5, -3.5),
+        IntLogUniform(3, 5.5),
+        Uniform(0, 0.2),
+        Choice([0.0, 0.1, 0.5]),
+        Choice(["a", "b"]),
+    ],
+)
+def test_describe_and_parse_round_trip(dist):
+    assert parse_distribution(dist.describe()) == dist
+
+
+def test_parse_rejects_unknown_specs_with_the_accepted_forms():
+    with pytest.raises(
+        ValueError, match=r"cannot parse search distribution 'gauss\(0, 1\)'.*10\^U\(lo, hi\)"
+    ):
+        parse_distribution("gauss(0, 1)")
+
+
+def test_search_override_replaces_one_distribution_only():
+    base = sample_hparams(ERMHParams, 4, 0)
+    replaced = sample_hparams(ERMHParams, 4, 0, {"lr": LogUniform(-4.5, -2.5)})
+    assert 10**-4.5 <= replaced["lr"] <= 10**-2.5 and replaced["lr"] != base["lr"]
+    assert {k: v for k, v in replaced.items() if k != "lr"} == {k: v for k, v in base.items() if k != "lr"}

@@ -84,6 +84,18 @@ def test_hparams_seed_samples_and_explicit_overrides_win(make_cfg):
     assert hparams["weight_decay"] == pytest.approx(sampled["weight_decay"])
 
 
+def test_dataset_search_range_applies_and_bad_search_keys_are_named(make_cfg):
+    from dgbench.config import apply_hparams_seed
+
+    cfg = make_cfg("hparams_seed=5")
+    apply_hparams_seed(cfg)
+    assert 10**-4.5 <= cfg.algorithm.lr <= 10**-2.5  # conf/dataset_hparams/embedded.yaml's range
+    with pytest.raises(ConfigError, match=r"search\.algorithm\.momentum: 'momentum' is not a searchable"):
+        apply_hparams_seed(make_cfg("hparams_seed=5", "+search.algorithm.momentum='U(0, 1)'"))
+    with pytest.raises(ConfigError, match=r"search\.algorithm\.lr: cannot parse"):
+        apply_hparams_seed(make_cfg("hparams_seed=5", "search.algorithm.lr=wide"))
+
+
 def test_run_id_ignores_paths_and_devices_but_not_hparams(make_cfg):
     base = make_cfg("dataset.test_envs=[0]")
     assert run_id(base) == run_id(
