@@ -173,13 +173,17 @@ def _list(args: list[str]) -> None:
         print(f"{title}:")
         for entry in registry:
             print(f"  {entry.name}  ({registry.kind}={entry.name})")
-            for name, default, search, help_text in describe_fields(entry.config, skip=("name", "arch")):
+            skip = {registry.name_field, "name"} if registry.name_field == "name" else {registry.name_field}
+            for name, default, search, help_text in describe_fields(entry.config, skip=skip):
                 line = f"      {registry.kind}.{name}={default!s}"
                 if search:
                     line += f"   search: {search}"
                 if help_text:
                     line += f"   # {help_text}"
                 print(line)
+        for preset in sorted((conf_dir() / registry.kind).glob("*.yaml")):
+            where = f"conf/{registry.kind}/{preset.name}"
+            print(f"  {preset.stem}  ({registry.kind}={preset.stem}, preset: {where})")
 
 
 if __name__ == "__main__":
