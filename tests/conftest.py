@@ -16,7 +16,18 @@ from dgbench.cli import conf_dir
 from dgbench.components import load_components
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACS_ROOT = REPO_ROOT.parent / "shared" / "datasets"
+
+
+@pytest.fixture
+def pacs_dir() -> Path:
+    """The real PACS folder ($DGBENCH_TEST_PACS, else ../shared/datasets/PACS beside the repo), or skip."""
+    env = os.environ.get("DGBENCH_TEST_PACS")
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "datasets" / "PACS"
+    if not path.is_dir():
+        pytest.skip(
+            f"real PACS not found at {path} (set DGBENCH_TEST_PACS to a DomainBed-layout PACS folder)"
+        )
+    return path
 
 
 @pytest.fixture(scope="session")

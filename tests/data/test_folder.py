@@ -251,19 +251,8 @@ def test_invalid_yaml_manifest(tmp_path: Path) -> None:
 # ------------------------------------------------------------------- real PACS
 
 
-def pacs_dir() -> Path:
-    """The real PACS folder ($DGBENCH_TEST_PACS, else ../shared/datasets/PACS from the repo root), or skip."""
-    env = os.environ.get("DGBENCH_TEST_PACS")
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "PACS"
-    if not path.is_dir():
-        pytest.skip(
-            f"real PACS not found at {path} (set DGBENCH_TEST_PACS to a DomainBed-layout PACS folder)"
-        )
-    return path
-
-
-def test_real_pacs() -> None:
-    path = pacs_dir()
+def test_real_pacs(pacs_dir: Path) -> None:
+    path = pacs_dir
     ds = FolderDataset(path, "pacs")
     assert ds.domains == ["art_painting", "cartoon", "photo", "sketch"]
     assert [len(d) for d in ds] == [2048, 2344, 1670, 3929]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dgbench.data.folder import FolderDataset
 from dgbench.data.splits import split_indices, split_seed
 from dgbench.errors import ConfigError
 from dgbench.hparams import seed_hash
@@ -47,17 +47,6 @@ PACS_DOMAIN_SHA256 = {
     "photo": "1429162252b376f39b1161827ef4463d298903abef88faac1758711b7224e074",
     "sketch": "e9b0810a1930a9e10db80a69102b179e05f8f7475e57a4fff7401b0edf8569fb",
 }
-
-
-def pacs_dir() -> Path:
-    """The real PACS folder ($DGBENCH_TEST_PACS, else ../shared/datasets/PACS from the repo root), or skip."""
-    env = os.environ.get("DGBENCH_TEST_PACS")
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "datasets" / "PACS"
-    if not path.is_dir():
-        pytest.skip(
-            f"real PACS not found at {path} (set DGBENCH_TEST_PACS to a DomainBed-layout PACS folder)"
-        )
-    return path
 
 
 def sha256_lines(lines: list[str]) -> str:
@@ -126,12 +115,14 @@ def test_seeds_must_be_integers(trial: object, env: object) -> None:
 
 
 @pytest.mark.parametrize(("domain", "env_i", "trial_seed"), sorted(PACS_VECTORS))
-def test_pacs_splits_match_domainbed(domain: str, env_i: int, trial_seed: int) -> None:
-    root = pacs_dir()
-    # For PACS, ImageFolder order is the plain sorted order of `<class>/<file>` (no nested folders).
-    classes = os.listdir(root / domain)
-    paths = sorted(f"{domain}/{c}/{f}" for c in classes for f in os.listdir(root / domain / c))
-    assert sha256_lines(paths) == PACS_DOMAIN_SHA256[domain], f"{root / domain} is not DomainBed's PACS"
+def test_pacs_splits_match_domainbed(pacs_dir: Path, domain: str, env_i: int, trial_seed: int) -> None:
+    # Through dgbench's own loader: its sample order and the split together must give DomainBed's files.
+    dataset = FolderDataset(pacs_dir, "pacs")
+    assert dataset.domains[env_i] == domain
+    paths = [f"{domain}/{sample_id}" for sample_id in dataset[env_i].ids]
+    assert sha256_lines(sorted(paths)) == PACS_DOMAIN_SHA256[domain], (
+        f"{pacs_dir / domain} is not DomainBed's PACS"
+    )
     n, first5, out_sha = PACS_VECTORS[domain, env_i, trial_seed]
     out, _ = split_indices(len(paths), 0.2, trial_seed, env_i)
     assert len(paths) == n
