@@ -56,6 +56,7 @@ class RunResult:
     record: dict[str, Any] | None  # the final record; None when the run was already done
     domains: list[str]
     test_envs: list[int]
+    num_classes: int
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
@@ -67,7 +68,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     run_dir = Path(cfg.output_dir) / cfg.name / run_id(cfg)
     if (run_dir / DONE_FILE).exists():
         log.info("run %s is already done (%s); nothing to train", run_dir.name, run_dir / DONE_FILE)
-        return RunResult(run_dir, None, dataset.domains, test_envs)
+        return RunResult(run_dir, None, dataset.domains, test_envs, dataset.num_classes)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STATUS_FILE).unlink(missing_ok=True)
     handler = _log_to_file(run_dir / "train.log")
@@ -76,7 +77,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
         record = _train(cfg, dataset, test_envs, run_dir)
         atomic_write_text(run_dir / DONE_FILE, "")
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a done run never resumes; save the disk
-        return RunResult(run_dir, record, dataset.domains, test_envs)
+        return RunResult(run_dir, record, dataset.domains, test_envs, dataset.num_classes)
     except BaseException as error:
         if not isinstance(error, KeyboardInterrupt):
             atomic_write_json(
