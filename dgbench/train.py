@@ -186,7 +186,7 @@ def _train(
             record = {
                 **identity,
                 "step": step,
-                "epoch": (step + 1) / steps_per_epoch,
+                "epoch": step / steps_per_epoch,  # DomainBed: step / min_domain(len(in) / batch)
                 "loss": means.pop("loss"),
                 "metrics": means,
                 "acc": _evaluate(algorithm, eval_views, cfg.trainer, device, memory_format, autocast),
