@@ -13,8 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dgbench.errors import DGBenchError
+
+if TYPE_CHECKING:
+    from dgbench.train import RunResult
 
 log = logging.getLogger("dgbench")
 USAGE = """usage: dgbench <command> [args]
@@ -141,22 +145,21 @@ def one_line(message: str) -> str:
     return "; ".join(part.rstrip(".") for part in parts)
 
 
-def _print_summary(result: object) -> None:
+def _print_summary(result: RunResult) -> None:
     from dgbench.records import RESULTS_FILE, read_records
 
-    run_dir: Path = result.run_dir  # type: ignore[attr-defined]
-    record = result.record or (read_records(run_dir / RESULTS_FILE) or [None])[-1]  # type: ignore[attr-defined]
-    if result.record is None:  # type: ignore[attr-defined]
-        print(f"run already done: {run_dir}")
+    if result.record is None:
+        print(f"run already done: {result.run_dir}")
+    record = result.record or (read_records(result.run_dir / RESULTS_FILE) or [None])[-1]
     if not record:
         return
-    test_envs = set(record["test_envs"])
     print(f"\n{record['algorithm']} on {record['dataset']} ({record['backbone']}), step {record['step']}")
     print(f"{'domain':<16}{'role':<7}{'in':>8}{'out':>8}")
-    for index, (domain, acc) in enumerate(record["acc"].items()):
-        role = "test" if index in test_envs else "train"
+    for index, domain in enumerate(result.domains):
+        role = "test" if index in result.test_envs else "train"
+        acc = record["acc"][domain]
         print(f"{domain:<16}{role:<7}{100 * acc['in']:>7.1f}%{100 * acc['out']:>7.1f}%")
-    print(f"records: {run_dir / RESULTS_FILE}")
+    print(f"records: {result.run_dir / RESULTS_FILE}")
 
 
 def _list(args: list[str]) -> None:

@@ -43,7 +43,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
 
 def write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    # Key order is kept (not sorted): `acc` then lists domains in the dataset's order.
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:

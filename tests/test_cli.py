@@ -41,7 +41,14 @@ def test_train_prints_per_domain_accuracies(tmp_path, data_root):
     assert result.returncode == 0, result.stderr
     assert "domain" in result.stdout and "test" in result.stdout and "train" in result.stdout
     (results,) = (tmp_path / "outputs" / "default").glob("*/results.jsonl")
-    assert [r["step"] for r in read_records(results)] == [0, 2]
+    records = read_records(results)
+    assert [r["step"] for r in records] == [0, 2]
+    assert list(records[-1]["acc"]) == ["photo", "painting", "cartoon", "sketch"]  # dataset order kept
+    again = _dgbench(["train", "trainer.steps=3", "trainer.checkpoint_freq=2"], tmp_path, data_root)
+    assert again.returncode == 0 and "run already done" in again.stdout
+    for output in (result.stdout, again.stdout):  # test_envs=[0] is photo; roles follow domain order
+        roles = {line.split()[0]: line.split()[1] for line in output.splitlines() if "%" in line}
+        assert roles == {"photo": "test", "painting": "train", "cartoon": "train", "sketch": "train"}
 
 
 def test_list_shows_components_with_hparams_and_search_spaces(tmp_path, data_root):
