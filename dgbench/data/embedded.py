@@ -1,15 +1,17 @@
 """A procedurally generated multi-domain dataset that needs no download.
 
 Six shape classes (identity = shape; position, scale, rotation and colour are random)
-are rendered in four PACS-like styles: `photo` (shaded object, sky/ground background,
-sensor noise), `painting` (brush strokes, ochre-shifted palette), `cartoon` (flat
-saturated fills, thick black outlines) and `sketch` (pencil outline on paper). The
-styles differ in texture, palette, fill vs outline, noise and background, so a model
-trained on three domains loses accuracy on the fourth: a real, small domain gap that
-lets the whole sweep -> table loop run on a laptop CPU in minutes.
+rendered in four PACS-like styles: `photo` (shaded object with a cast shadow on a
+sky/ground scene, sensor noise), `painting` (brush strokes, ochre-shifted palette),
+`cartoon` (flat saturated fill, thick black outline, bold comic stripes) and `sketch`
+(grey pencil outline and graphite shading on hatched paper). The styles differ in
+texture, palette, outline vs fill, noise and background, so a model trained on three
+domains loses accuracy on the fourth: a real domain gap, small enough for the whole
+sweep -> table loop to run on a laptop CPU in minutes.
 
-Generation is numpy + PIL only and deterministic from `seed`; the result is cached at
-`<data_root>/embedded/embedded-<hash>.npz`, written atomically.
+Generation is numpy + PIL only and deterministic from `seed` (a few seconds on one
+core); the arrays are cached at `<data_root>/embedded/embedded-<hash>.npz`, written
+atomically, and regenerated when the file is unreadable.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +72,9 @@ def _shape_parts(cls: str, cx: float, cy: float, r: float, theta: float) -> list
         angles = [theta + offset + 2 * math.pi * k / n for k in range(n)]
         return [(cx + q * math.cos(a), cy + q * math.sin(a)) for q, a in zip(radii, angles, strict=True)]
 
-    if cls == "circle":
-        return [("ellipse", (cx - r, cy - r, cx + r, cy + r), False)]
-    if cls == "ring":
-        q = 0.55 * r
-        return [
-            ("ellipse", (cx - r, cy - r, cx + r, cy + r), False),
-            ("ellipse", (cx - q, cy - q, cx + q, cy + q), True),
-        ]
+    if cls in ("circle", "ring"):  # a ring is a circle with a hole of 0.55 its radius
+        radii = [(r, False), (0.55 * r, True)][: 1 + (cls == "ring")]
+        return [("ellipse", (cx - q, cy - q, cx + q, cy + q), hole) for q, hole in radii]
     if cls == "square":
         return [("poly", poly([1.15 * r] * 4, math.pi / 4), False)]
     if cls == "triangle":
@@ -100,11 +97,9 @@ def _mask(shape: Shape, size: int, res: int, width: float = 0.0) -> Array:
         if width <= 0:
             fill = 0 if hole else 255
             draw.ellipse(geom, fill=fill) if kind == "ellipse" else draw.polygon(geom, fill=fill)
-        elif kind == "ellipse":
-            h = width / 2
-            draw.ellipse(
-                (geom[0] - h, geom[1] - h, geom[2] + h, geom[3] + h), outline=255, width=round(width)
-            )
+        elif kind == "ellipse":  # PIL strokes ellipses inwards: grow the box to centre the stroke
+            box = [v + d * width / 2 for v, d in zip(geom, (-1, -1, 1, 1), strict=True)]
+            draw.ellipse(box, outline=255, width=round(width))
         else:
             draw.line([*geom, geom[0], geom[1]], fill=255, width=round(width), joint="curve")
     return np.asarray(img.resize((res, res), Image.Resampling.BOX), dtype=np.float32) / 255.0
@@ -141,6 +136,12 @@ def _strokes(rng: Rng, res: int, colours: list[Array], jitter: float, n: int, ma
 
 def _blend(under: Array, over: Array | float, alpha: Array) -> Array:
     return under * (1 - alpha[..., None]) + np.asarray(over, dtype=np.float32) * alpha[..., None]
+
+
+def _waves(res: int, angle: float, period: float) -> Array:
+    """A plane sine wave in [-1, 1] (`period` px, crests along `angle`): stripes and hatching."""
+    xs = np.arange(res, dtype=np.float32)
+    return np.sin((np.cos(angle) * xs[None, :] + np.sin(angle) * xs[:, None]) * (2 * math.pi / period))
 
 
 # ---------------------------------------------------------------- domain styles
@@ -197,26 +198,23 @@ def _cartoon(rng: Rng, shape: Shape, res: int, size: int) -> Array:
     """
     light = _hsv(rng.uniform(), rng.uniform(0.1, 0.35), rng.uniform(0.9, 1.0))
     dark = _hsv(rng.uniform(), rng.uniform(0.3, 0.8), rng.uniform(0.05, 0.3))
-    angle, xs = rng.uniform(0, math.pi), np.arange(res, dtype=np.float32)
-    phase = (np.cos(angle) * xs[None, :] + np.sin(angle) * xs[:, None]) * (2 * math.pi / rng.uniform(5, 9))
-    bg = _blend(np.broadcast_to(light, (res, res, 3)), dark, np.clip(0.5 + 2 * np.sin(phase), 0, 1))
-    img = _blend(
-        bg, _hsv(rng.uniform(), rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0)), _mask(shape, size, res)
-    )
+    stripes = np.clip(0.5 + 2 * _waves(res, rng.uniform(0, math.pi), rng.uniform(5, 9)), 0, 1)
+    bg = _blend(np.broadcast_to(light, (res, res, 3)), dark, stripes)
+    fill = _hsv(rng.uniform(), rng.uniform(0.8, 1.0), rng.uniform(0.8, 1.0))
+    img = _blend(bg, fill, _mask(shape, size, res))
     return _blend(img, 0.05, _mask(shape, size, res, width=size / rng.uniform(11, 15)))
 
 
 def _sketch(rng: Rng, shape: Shape, res: int, size: int) -> Array:
-    """Grey pencil outline (drawn twice, slightly offset) and smudged graphite shading on noisy,
-    hatched paper. The hatching puts pencil lines everywhere, so outlines learned from cartoons
-    do not transfer for free (keeps a gap under DomainBed's grayscale augmentation)."""
+    """Grey pencil outline (drawn twice, slightly offset) and graphite shading on hatched paper.
+
+    The hatching puts pencil lines everywhere, so outlines learned from cartoons do not
+    transfer for free (keeps a gap under DomainBed's grayscale augmentation).
+    """
     paper = _hsv(rng.uniform(0.08, 0.15), rng.uniform(0.0, 0.12), rng.uniform(0.88, 1.0))
     img = paper + rng.normal(0, 0.035, (res, res, 1))
-    angle, xs = rng.uniform(0, math.pi), np.arange(res, dtype=np.float32)
-    phase = (np.cos(angle) * xs[None, :] + np.sin(angle) * xs[:, None]) * (2 * math.pi / rng.uniform(3, 5))
-    img = _blend(
-        img, rng.uniform(0.25, 0.45), np.clip(3 * (np.sin(phase) - 0.5), 0, 1) * rng.uniform(0.6, 0.9)
-    )
+    hatch = np.clip(3 * (_waves(res, rng.uniform(0, math.pi), rng.uniform(3, 5)) - 0.5), 0, 1)
+    img = _blend(img, rng.uniform(0.25, 0.45), hatch * rng.uniform(0.6, 0.9))
     shading = rng.uniform(0.25, 0.55) * (0.75 + 0.5 * _smooth_noise(rng, res, 6)[..., 0])
     img = _blend(img, 0.1, np.clip(shading, 0, 1) * _mask(shape, size, res))
     for _ in range(2):
@@ -228,29 +226,23 @@ def _sketch(rng: Rng, shape: Shape, res: int, size: int) -> Array:
     return img
 
 
-STYLES: dict[str, Callable[[Rng, Shape, int, int], Array]] = {
-    "photo": _photo,
-    "painting": _painting,
-    "cartoon": _cartoon,
-    "sketch": _sketch,
-}
+STYLES: dict[str, Callable[[Rng, Shape, int, int], Array]] = dict(
+    zip(DOMAINS, (_photo, _painting, _cartoon, _sketch), strict=True)
+)
 
 
 # ---------------------------------------------------------------- generation and cache
 
 
-def _params(cfg: Any) -> dict[str, Any]:
-    """The generation parameters (the cache key), read from a dataclass or a DictConfig."""
-    return {
-        "images_per_domain": int(cfg.images_per_domain),
-        "resolution": int(cfg.resolution),
-        "seed": int(cfg.seed),
-        "supersample": int(cfg.supersample),
-        "min_size": float(cfg.min_size),
-        "max_size": float(cfg.max_size),
-        "max_shift": float(cfg.max_shift),
-        "max_rotation": float(cfg.max_rotation),
-    }
+def generation_params(cfg: Any) -> dict[str, Any]:
+    """The generation knobs of `cfg` (an `EmbeddedConfig` or a DictConfig): the cache key.
+
+    Every `EmbeddedConfig` field that `DatasetConfig` does not declare counts, so a new knob
+    can never be forgotten in the key.
+    """
+    shared = {f.name for f in fields(DatasetConfig)}
+    knobs = [f for f in fields(EmbeddedConfig) if f.name not in shared]
+    return {f.name: type(f.default)(getattr(cfg, f.name)) for f in knobs}
 
 
 def _domain_rng(seed: int, domain_index: int) -> Rng:
@@ -258,9 +250,10 @@ def _domain_rng(seed: int, domain_index: int) -> Rng:
     return np.random.default_rng(np.random.SeedSequence([seed, domain_index]))
 
 
-def _class_counts(n: int) -> list[int]:
-    """`n` images split as evenly as possible over the classes (first classes get the remainder)."""
-    return [n // len(CLASSES) + (k < n % len(CLASSES)) for k in range(len(CLASSES))]
+def _labels(n: int) -> Array:
+    """`n` labels sorted by class (ImageFolder order), as even as possible (first classes get the rest)."""
+    counts = [n // len(CLASSES) + (k < n % len(CLASSES)) for k in range(len(CLASSES))]
+    return np.repeat(np.arange(len(CLASSES)), counts).astype(np.int64)
 
 
 def generate(params: dict[str, Any]) -> dict[str, tuple[Array, Array]]:
@@ -270,7 +263,7 @@ def generate(params: dict[str, Any]) -> dict[str, tuple[Array, Array]]:
     out = {}
     for d, domain in enumerate(DOMAINS):
         rng = _domain_rng(params["seed"], d)
-        labels = np.repeat(np.arange(len(CLASSES)), _class_counts(n)).astype(np.int64)
+        labels = _labels(n)
         images = np.empty((n, res, res, 3), dtype=np.uint8)
         for i, label in enumerate(labels):
             r = rng.uniform(params["min_size"], params["max_size"]) * size
@@ -297,13 +290,14 @@ def _save(path: Path, data: dict[str, tuple[Array, Array]]) -> None:
 
 
 def _load(path: Path, params: dict[str, Any]) -> dict[str, tuple[Array, Array]]:
-    """Read a cache file, checking every array's shape and dtype (a wrong one raises ValueError)."""
+    """Read a cache file, checking every array against `params` (a mismatch raises ValueError)."""
     n, res = params["images_per_domain"], params["resolution"]
     with np.load(path, allow_pickle=False) as f:
         data = {d: (f[f"{d}_images"], f[f"{d}_labels"]) for d in DOMAINS}
     for d, (x, y) in data.items():
-        if x.shape != (n, res, res, 3) or x.dtype != np.uint8 or y.shape != (n,) or y.dtype != np.int64:
-            raise ValueError(f"domain {d!r}: unexpected arrays {x.shape} {x.dtype} / {y.shape} {y.dtype}")
+        if x.shape != (n, res, res, 3) or x.dtype != np.uint8 or not np.array_equal(y, _labels(n)):
+            raise ValueError(f"domain {d!r}: images {x.shape} {x.dtype} or labels do not match {params}")
+        data[d] = (x, y.astype(np.int64))
     return data
 
 
@@ -318,14 +312,7 @@ def load_or_generate(root: Path, params: dict[str, Any]) -> dict[str, tuple[Arra
     start = time.perf_counter()
     data = generate(params)
     _save(path, data)
-    log.info(
-        "embedded: generated %d domains x %d images at %dpx in %.1fs -> %s",
-        len(DOMAINS),
-        params["images_per_domain"],
-        params["resolution"],
-        time.perf_counter() - start,
-        path,
-    )
+    log.info("embedded: generated %s in %.1fs, cached at %s", params, time.perf_counter() - start, path)
     return data
 
 
@@ -360,7 +347,7 @@ class EmbeddedDataset(MultiDomainDataset):
 
 def build_embedded(cfg: Any) -> EmbeddedDataset:
     """Build (or load from cache) the embedded dataset from an `EmbeddedConfig` or a DictConfig."""
-    params = _params(cfg)
+    params = generation_params(cfg)
     data = load_or_generate(data_root(getattr(cfg, "root", None)), params)
     dataset = EmbeddedDataset([EmbeddedDomain(d, *data[d]) for d in DOMAINS], CLASSES)
     dataset.resolution = params["resolution"]

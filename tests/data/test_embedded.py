@@ -40,7 +40,9 @@ def test_same_seed_is_bit_identical_and_other_seed_differs(tmp_path: Path) -> No
 def test_second_build_loads_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = _build(tmp_path)
     (cache,) = (tmp_path / "embedded").glob("embedded-*.npz")
-    assert cache == embedded.cache_path(tmp_path, embedded._params(EmbeddedConfig(images_per_domain=SMALL)))
+    assert cache == embedded.cache_path(
+        tmp_path, embedded.generation_params(EmbeddedConfig(images_per_domain=SMALL))
+    )
     assert not list((tmp_path / "embedded").glob("*.tmp"))  # the temp file was renamed, not left behind
 
     def boom(params: dict) -> None:
@@ -53,7 +55,7 @@ def test_second_build_loads_from_cache(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_cache_key_covers_generation_params(tmp_path: Path) -> None:
-    base = embedded._params(EmbeddedConfig())
+    base = embedded.generation_params(EmbeddedConfig())
     paths = {embedded.cache_path(tmp_path, {**base, k: v}) for k, v in [("seed", 1), ("resolution", 28)]}
     assert len(paths | {embedded.cache_path(tmp_path, base)}) == 3
 
@@ -74,7 +76,7 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(
         rebuilt = _arrays(_build(tmp_path))
     assert "unreadable cache" in caplog.text
     assert all(np.array_equal(x, y) for x, y in zip(good, rebuilt, strict=True))
-    embedded._load(cache, embedded._params(EmbeddedConfig(images_per_domain=SMALL)))  # valid again
+    embedded._load(cache, embedded.generation_params(EmbeddedConfig(images_per_domain=SMALL)))  # valid again
 
 
 def test_shapes_dtypes_labels_and_ids(tmp_path: Path) -> None:
