@@ -32,9 +32,8 @@ def test_same_seed_is_bit_identical_and_other_seed_differs(tmp_path: Path) -> No
     for x, y, z in zip(_arrays(a), _arrays(b), _arrays(c), strict=True):
         assert np.array_equal(x, y)
         assert not np.array_equal(x, z)
-    assert (tmp_path / "a" / "embedded").iterdir().__next__().read_bytes() == next(
-        (tmp_path / "b" / "embedded").iterdir()
-    ).read_bytes()
+    ((cache_a,), (cache_b,)) = ((tmp_path / r / "embedded").glob("*.npz") for r in "ab")
+    assert cache_a.name == cache_b.name and cache_a.read_bytes() == cache_b.read_bytes()
 
 
 def test_second_build_loads_from_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,6 +57,21 @@ def test_cache_key_covers_generation_params(tmp_path: Path) -> None:
     base = embedded.generation_params(EmbeddedConfig())
     paths = {embedded.cache_path(tmp_path, {**base, k: v}) for k, v in [("seed", 1), ("resolution", 28)]}
     assert len(paths | {embedded.cache_path(tmp_path, base)}) == 3
+
+
+def test_interrupted_write_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed while writing the cache leaves neither a torn cache nor a temp file."""
+
+    def killed_midway(handle: object, **arrays: object) -> None:
+        handle.write(b"PK\x03\x04 half an archive")  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(embedded.np, "savez", killed_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _build(tmp_path)
+    assert list((tmp_path / "embedded").iterdir()) == []
+    assert len(_build(tmp_path)[0]) == SMALL and len(list((tmp_path / "embedded").iterdir())) == 1
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_shape"])
