@@ -82,7 +82,6 @@ def train_loader(
         # An own generator keeps DataLoader from drawing its base seed from the global RNG,
         # which would make the training RNG stream depend on when loaders were created.
         generator=torch.Generator(),
-        persistent_workers=False,
     )
 
 
