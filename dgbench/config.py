@@ -34,11 +34,28 @@ class Pipeline(str, enum.Enum):
     reference = "reference"  # PIL decode + torchvision transforms per sample (DomainBed's path)
 
 
+class Protocol(str, enum.Enum):
+    """Named evaluation protocols: what is augmented, and the per-dataset step defaults.
+
+    default: DomainBed's transforms and steps, every evaluated split unaugmented.
+    domainbed: DomainBed's code exactly: the `out` split of training domains is evaluated with the
+        training augmentation (DomainBed attaches the transform before splitting), which makes
+        training-domain validation accuracy noisy; use it to reproduce DomainBed's numbers.
+    swad: SWAD's schedule (DomainNet 15001 steps, evaluation every 200/500 steps), unaugmented
+        validation.
+    """
+
+    default = "default"
+    domainbed = "domainbed"
+    swad = "swad"
+
+
 @dataclass
 class DataConfig:
     pipeline: Pipeline = Pipeline.reference
     resolution: int | None = None  # working resolution in px; default: the dataset's
     augment: bool = True  # DomainBed's training augmentation (crop, flip, colour jitter, grayscale)
+    skip_corrupt: bool = False  # skip (warn, count) unreadable images instead of failing the run
 
 
 @dataclass
@@ -75,6 +92,7 @@ class RootConfig:
     trainer: Any = MISSING
     logger: Any = MISSING
     data: DataConfig = field(default_factory=DataConfig)
+    protocol: Protocol = Protocol.default  # default | domainbed | swad (see Protocol)
     hparams_seed: int = 0  # 0: defaults; k>0: DomainBed-style random search draw k
     trial_seed: int = 0  # selects the in/out splits and the training seed
     output_dir: str = "outputs"  # root of all run directories

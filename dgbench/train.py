@@ -30,7 +30,7 @@ from dgbench.algorithms.base import Algorithm
 from dgbench.atomic import atomic_write_json, atomic_write_text
 from dgbench.backbones import build_backbone
 from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from dgbench.config import Device, apply_hparams_seed, require_positive, run_id, training_seed
+from dgbench.config import Device, Protocol, apply_hparams_seed, require_positive, run_id, training_seed
 from dgbench.data.base import MultiDomainDataset
 from dgbench.data.loaders import SplitView, eval_loader, train_loader
 from dgbench.data.splits import split_indices
@@ -106,8 +106,12 @@ def _train(
     memory_format = torch.channels_last if on_cuda and cfg.trainer.channels_last else torch.preserve_format
     algorithm.to(device=device, memory_format=memory_format)
 
-    steps = require_positive(cfg.trainer.steps or dataset.steps, "trainer.steps")
-    freq = require_positive(cfg.trainer.checkpoint_freq or dataset.checkpoint_freq, "trainer.checkpoint_freq")
+    protocol = Protocol(cfg.protocol)
+    defaults = dataset.protocol_defaults(protocol.value)
+    steps = require_positive(cfg.trainer.steps or defaults["steps"], "trainer.steps")
+    freq = require_positive(
+        cfg.trainer.checkpoint_freq or defaults["checkpoint_freq"], "trainer.checkpoint_freq"
+    )
     results = run_dir / RESULTS_FILE
     checkpoint = run_dir / CHECKPOINT_FILE
     start = 0
@@ -120,17 +124,18 @@ def _train(
         write_records(results, [])  # a record without a checkpoint is from a run that died
 
     resolution = cfg.data.resolution or dataset.resolution
-    train_tf = train_transform(resolution, backbone.mean, backbone.std, cfg.data.augment)
+    train_tf = train_transform(resolution, backbone.mean, backbone.std, cfg.data.augment and dataset.augment)
     eval_tf = eval_transform(resolution, backbone.mean, backbone.std)
     splits = [
         split_indices(len(d), cfg.dataset.holdout_fraction, cfg.trial_seed, i) for i, d in enumerate(dataset)
     ]
     batch_size = require_positive(hparams.batch_size, "algorithm.batch_size")
     workers = cfg.trainer.num_workers
+    skip = cfg.data.skip_corrupt
     iterators = [
         iter(
             train_loader(
-                SplitView(dataset[i], splits[i][1], train_tf),
+                SplitView(dataset[i], splits[i][1], train_tf, skip_corrupt=skip),
                 batch_size,
                 seed_hash(seed, i),
                 start,
@@ -140,11 +145,19 @@ def _train(
         )
         for i in train_envs
     ]
-    eval_views = {
-        (dataset.domains[i], split): SplitView(dataset[i], splits[i][0 if split == "out" else 1], eval_tf)
-        for i in range(len(dataset))
-        for split in ("in", "out")
-    }
+    eval_views = {}
+    for i in range(len(dataset)):
+        for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
+            # DomainBed's quirk: the transform is attached before splitting, so a training domain's
+            # `out` split is evaluated augmented. Only the `domainbed` protocol reproduces it.
+            quirk = protocol is Protocol.domainbed and split == "out" and i in train_envs
+            eval_views[dataset.domains[i], split] = SplitView(
+                dataset[i],
+                indices,
+                train_tf if quirk else eval_tf,
+                seed=seed_hash(seed, "eval", i) if quirk else None,
+                skip_corrupt=skip,
+            )
     steps_per_epoch = min(len(splits[i][1]) / batch_size for i in train_envs)
     identity = {
         "run_id": run_dir.name,
@@ -163,6 +176,7 @@ def _train(
 
     meter: dict[str, list[float]] = defaultdict(list)
     step_seconds = 0.0
+    skipped_images = 0  # unreadable images dropped since the last record (data.skip_corrupt)
     record: dict[str, Any] = {}
     bar = tqdm(
         total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
@@ -170,7 +184,11 @@ def _train(
     algorithm.train()
     for step in range(start, steps):
         tick = time.perf_counter()
-        batches = [_to_device(next(it), device, memory_format) for it in iterators]
+        batches = []
+        for it in iterators:
+            x, y, skipped = next(it)
+            batches.append(_to_device((x, y), device, memory_format))
+            skipped_images += skipped
         with autocast:
             metrics = algorithm.update(batches)
         step_seconds += time.perf_counter() - tick
@@ -183,13 +201,16 @@ def _train(
 
         if step % freq == 0 or step == steps - 1:
             means = {key: float(np.mean(values)) for key, values in meter.items()}
+            acc, eval_skipped = _evaluate(algorithm, eval_views, cfg.trainer, device, memory_format, autocast)
+            if skip:
+                means["skipped_images"] = skipped_images + eval_skipped
             record = {
                 **identity,
                 "step": step,
                 "epoch": step / steps_per_epoch,  # DomainBed: step / min_domain(len(in) / batch)
                 "loss": means.pop("loss"),
                 "metrics": means,
-                "acc": _evaluate(algorithm, eval_views, cfg.trainer, device, memory_format, autocast),
+                "acc": acc,
                 "step_time": step_seconds / len(meter["loss"]),
                 "mem_gb": _peak_memory_gb(device),
             }
@@ -200,6 +221,7 @@ def _train(
             save_checkpoint(checkpoint, algorithm, step)
             meter.clear()
             step_seconds = 0.0
+            skipped_images = 0
     bar.close()
     sink.finish()
     return record
@@ -213,16 +235,21 @@ def _evaluate(
     device: torch.device,
     memory_format: torch.memory_format,
     autocast: AbstractContextManager[Any],
-) -> dict[str, dict[str, float]]:
-    """Accuracy of the `in` and `out` split of every domain, in large no-grad batches."""
+) -> tuple[dict[str, dict[str, float]], int]:
+    """Accuracy of the `in` and `out` split of every domain, in large no-grad batches.
+
+    Also returns how many unreadable images were skipped (`data.skip_corrupt`).
+    """
     algorithm.eval()
     acc: dict[str, dict[str, float]] = defaultdict(dict)
+    skipped_images = 0
     for (domain, split), view in views.items():
         correct = total = 0
         loader = eval_loader(
             view, trainer_cfg.eval_batch_size, trainer_cfg.num_workers, device.type == "cuda"
         )
-        for x, y in loader:
+        for x, y, skipped in loader:
+            skipped_images += skipped
             x, y = _to_device((x, y), device, memory_format)
             with autocast:
                 predicted = algorithm.predict(x).argmax(dim=1)
@@ -230,7 +257,7 @@ def _evaluate(
             total += len(y)
         acc[domain][split] = correct / total if total else float("nan")
     algorithm.train()
-    return dict(acc)
+    return dict(acc), skipped_images
 
 
 def _to_device(

@@ -136,3 +136,39 @@ def test_diverging_run_is_marked_failed(make_cfg):
     status = (run_dir / STATUS_FILE).read_text()
     assert '"failed"' in status and "DivergedError" in status
     assert not (run_dir / DONE_FILE).exists()
+
+
+def test_domainbed_protocol_augments_only_training_domains_out_split(make_cfg):
+    """Training is the same; only the `out` accuracy of training domains sees the augmentation."""
+    overrides = [*FAST, "dataset.test_envs=[sketch]", "trainer.steps=2", "trainer.checkpoint_freq=100"]
+    plain = train(make_cfg(*overrides), overrides).record
+    quirk = train(make_cfg(*overrides, "protocol=domainbed"), [*overrides, "protocol=domainbed"]).record
+    assert quirk["run_id"] != plain["run_id"] and quirk["loss"] == plain["loss"]
+    for domain in plain["acc"]:
+        assert quirk["acc"][domain]["in"] == plain["acc"][domain]["in"]
+    assert quirk["acc"]["sketch"] == plain["acc"]["sketch"]
+    train_domains = [d for d in plain["acc"] if d != "sketch"]
+    assert any(quirk["acc"][d]["out"] != plain["acc"][d]["out"] for d in train_domains)
+    again = train(make_cfg(*overrides, "protocol=domainbed", "name=again"), overrides).record
+    assert again["acc"] == quirk["acc"]  # the augmented evaluation is seeded, so repeatable
+
+
+def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_counted(make_cfg, monkeypatch):
+    from dgbench.data.embedded import EmbeddedDomain
+    from dgbench.errors import DataError
+
+    real_load = EmbeddedDomain.load_image
+
+    def load_image(self, index):
+        if index % 50 == 7:
+            raise DataError(f"cannot read image {self.name}/{index}.png: broken")
+        return real_load(self, index)
+
+    monkeypatch.setattr(EmbeddedDomain, "load_image", load_image)
+    with pytest.raises(DataError, match=r"cannot read image \w+/\d+\.png"):
+        train(make_cfg(*FAST), list(FAST))
+    overrides = [*FAST, "data.skip_corrupt=true"]
+    record = train(make_cfg(*overrides), overrides).record
+    per_domain = 600 // 50  # indices 7, 57, ... in each of the 4 domains, all evaluated once
+    assert record["metrics"]["skipped_images"] >= 4 * per_domain
+    assert all(0.0 <= a <= 1.0 for splits in record["acc"].values() for a in splits.values())

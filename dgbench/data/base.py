@@ -70,6 +70,11 @@ class MultiDomainDataset:
     resolution: int = 224  # working resolution of the images fed to the network
     steps: int = 5001  # DomainBed N_STEPS
     checkpoint_freq: int = 100  # evaluate every this many steps
+    augment: bool = True  # False for datasets DomainBed never augments (e.g. the MNIST variants)
+
+    def protocol_defaults(self, protocol: str) -> dict[str, int]:
+        """`steps` and `checkpoint_freq` under a named protocol (see `dgbench.config.Protocol`)."""
+        return {"steps": self.steps, "checkpoint_freq": self.checkpoint_freq}
 
     def __init__(self, domains: Sequence[DomainData], classes: Sequence[str]) -> None:
         self.domain_data = list(domains)

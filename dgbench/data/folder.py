@@ -15,6 +15,8 @@ manifest without `classes` falls back to the class folders of its first domain
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -35,7 +37,6 @@ from dgbench.registry import DATASETS
 
 # torchvision's IMG_EXTENSIONS, which DomainBed's ImageFolder uses (matched lower-cased).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-FOLDER_DATASETS = ("pacs", "vlcs", "domain_net")  # manifests registered as folder datasets
 
 ManifestSource = str | os.PathLike | Mapping[str, Any]
 
@@ -113,6 +114,25 @@ def _check_manifest(manifest: Mapping[str, Any], where: str) -> None:
         raise DataError(f"{where}: 'counts' names unknown domain(s) {', '.join(map(str, unknown))}")
 
 
+def manifest_names() -> list[str]:
+    """Every dataset described in `datasets_manifest/` (each is registered as a folder dataset)."""
+    folder = manifest_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def manifest_fingerprint(manifest: Mapping[str, Any]) -> str:
+    """A short hash of what decides how a tree is indexed: dir, version, domains and classes."""
+    keys = {k: manifest.get(k) for k in ("name", "dir", "version", "domains", "classes")}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
+
+
+def protocol_defaults(manifest: Mapping[str, Any], protocol: str) -> dict[str, int]:
+    """`steps` and `checkpoint_freq` under `protocol`: `protocols.<protocol>` entry, else the top level."""
+    defaults = {k: int(manifest[k]) for k in ("steps", "checkpoint_freq") if k in manifest}
+    defaults.update((manifest.get("protocols") or {}).get(protocol) or {})
+    return defaults
+
+
 def _check_names(names: Sequence[Any], key: str, where: str) -> None:
     """Names must be unique strings in Python sort order: DomainBed numbers folders by that order."""
     if not all(isinstance(n, str) and n for n in names):
@@ -144,7 +164,12 @@ def domain_counts(manifest: Mapping[str, Any]) -> dict[str, int]:
 
 
 def _per_domain(counts: Any) -> Any:
-    return counts.get("per_domain", counts) if isinstance(counts, Mapping) else counts
+    """The flat form `{domain: n}`, or `per_domain` of the structured form `{total, per_domain, ...}`."""
+    if not isinstance(counts, Mapping):
+        return counts
+    if "per_domain" in counts or "total" in counts:
+        return counts.get("per_domain") or {}
+    return counts
 
 
 # ---------------------------------------------------------------- indexing
@@ -179,12 +204,19 @@ class FolderDomain(DomainData):
     """
 
     def __init__(
-        self, root: str | os.PathLike, classes: Sequence[str] | None = None, name: str | None = None
+        self,
+        root: str | os.PathLike,
+        classes: Sequence[str] | None = None,
+        name: str | None = None,
+        present: Sequence[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.name = name or self.root.name
         self.classes = list(classes) if classes is not None else find_classes(self.root)
-        per_class = [list_class_files(self.root, c) for c in self.classes]
+        self.present_classes = list(present) if present is not None else self.classes
+        per_class = [
+            list_class_files(self.root, c) if c in self.present_classes else [] for c in self.classes
+        ]
         self.ids: list[str] = [f for files in per_class for f in files]
         self.labels = np.repeat(np.arange(len(self.classes), dtype=np.int64), [len(f) for f in per_class])
 
@@ -222,12 +254,18 @@ class FolderDataset(MultiDomainDataset):
         name, domains = manifest["name"], domain_names(manifest)
         _check_domain_dirs(self.root, name, domains)
         classes = manifest.get("classes") or find_classes(self.root / domains[0])
-        _check_class_dirs(self.root, name, domains, classes)
-        super().__init__([FolderDomain(self.root / d, classes, name=d) for d in domains], classes)
+        allow_missing = bool(manifest.get("allow_missing_classes", False))
+        present = _check_class_dirs(self.root, name, domains, classes, allow_missing)
+        super().__init__(
+            [FolderDomain(self.root / d, classes, name=d, present=present[d]) for d in domains], classes
+        )
         self.name = name
         for key in ("resolution", "steps", "checkpoint_freq"):
             setattr(self, key, int(manifest.get(key, getattr(self, key))))
-        _check_images(self)
+        _check_images(self, allow_missing)
+
+    def protocol_defaults(self, protocol: str) -> dict[str, int]:
+        return protocol_defaults(self.manifest, protocol)
 
 
 def _check_domain_dirs(dataset_dir: Path, name: str, domains: Sequence[str]) -> None:
@@ -254,16 +292,25 @@ def _check_domain_dirs(dataset_dir: Path, name: str, domains: Sequence[str]) -> 
         )
 
 
-def _check_class_dirs(dataset_dir: Path, name: str, domains: Sequence[str], classes: Sequence[str]) -> None:
-    """The same class folders in every domain: ImageFolder labels are positions among them."""
+def _check_class_dirs(
+    dataset_dir: Path, name: str, domains: Sequence[str], classes: Sequence[str], allow_missing: bool
+) -> dict[str, list[str]]:
+    """The same class folders in every domain: ImageFolder labels are positions among them.
+
+    With `allow_missing` (TerraIncognita: not every animal is seen at every camera), a domain may
+    lack some class folders; labels still come from the global class list. Returns the classes
+    present per domain.
+    """
     if not classes:
         raise DataError(f"{name}: no class folders in {dataset_dir / domains[0]}; re-download the dataset")
     problems = []
+    found = {}
     for domain in domains:
         present = set(find_classes(dataset_dir / domain))
+        found[domain] = [c for c in classes if c in present]
         missing = [c for c in classes if c not in present]
         extra = sorted(present - set(classes))
-        if missing:
+        if missing and not allow_missing:
             problems.append(f"{domain} lacks class folder(s) {', '.join(missing)}")
         if extra:
             problems.append(f"{domain} has unexpected class folder(s) {', '.join(extra)}")
@@ -273,14 +320,16 @@ def _check_class_dirs(dataset_dir: Path, name: str, domains: Sequence[str], clas
             f"{'; '.join(problems)}; labels would not match DomainBed's: restore the missing folders "
             f"(re-download the dataset) and remove the unexpected ones"
         )
+    return found
 
 
-def _check_images(dataset: FolderDataset) -> None:
+def _check_images(dataset: FolderDataset, allow_missing: bool) -> None:
     """Fail on an empty class folder (ImageFolder does too); warn when a domain's count is off."""
     empty = [
         f"{d.name}/{dataset.classes[c]}"
         for d in dataset.domain_data
         for c in np.flatnonzero(np.bincount(d.labels, minlength=len(dataset.classes)) == 0)
+        if not allow_missing or dataset.classes[c] in d.present_classes
     ]
     if empty:
         raise DataError(
@@ -326,7 +375,7 @@ def _cfg_get(cfg: Any, key: str) -> Any:
 
 
 def _register() -> None:
-    for name in FOLDER_DATASETS:
+    for name in manifest_names():
         DATASETS.register(name, FolderConfig, build_folder_dataset)
 
 

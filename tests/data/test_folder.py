@@ -16,8 +16,11 @@ from dgbench.data.folder import (
     FolderDataset,
     FolderDomain,
     build_folder_dataset,
+    domain_counts,
+    domain_names,
     list_class_files,
     load_manifest,
+    protocol_defaults,
 )
 from dgbench.errors import ConfigError, DataError
 from dgbench.registry import DATASETS
@@ -126,15 +129,42 @@ def test_manifest_variants(tmp_path: Path) -> None:
 
 
 def test_registered_manifests() -> None:
-    assert {"pacs", "vlcs", "domain_net"} <= set(DATASETS.names())
+    """Every manifest is a registered folder dataset; names and orders as DomainBed (datasets.md)."""
+    names = ("pacs", "vlcs", "domainnet", "officehome", "terra_incognita")
+    assert set(names) <= set(DATASETS.names())
     assert DATASETS.get("pacs").config is FolderConfig
-    pacs, vlcs, dnet = (load_manifest(n) for n in ("pacs", "vlcs", "domain_net"))
+    pacs, vlcs, dnet, office, terra = (load_manifest(n) for n in names)
     assert pacs["dir"] == "PACS" and pacs["classes"][::3] == ["dog", "guitar", "person"]
-    assert sum(pacs["counts"].values()) == 9991 and pacs["checkpoint_freq"] == 300
-    assert vlcs["domains"] == ["Caltech101", "LabelMe", "SUN09", "VOC2007"]
-    assert sum(vlcs["counts"].values()) == 10729
+    assert (
+        pacs["counts"]["total"] == sum(domain_counts(pacs).values()) == 9991
+        and pacs["checkpoint_freq"] == 300
+    )
+    for m in (pacs, vlcs):  # per-class tables add up to the per-domain counts
+        assert {d: sum(c.values()) for d, c in m["counts"]["per_class"].items()} == domain_counts(m)
+    assert domain_names(vlcs) == ["Caltech101", "LabelMe", "SUN09", "VOC2007"]
+    assert sum(domain_counts(vlcs).values()) == 10729
     assert dnet["dir"] == "domain_net" and len(dnet["classes"]) == 345 and dnet["checkpoint_freq"] == 1000
     assert dnet["classes"][:3] == ["The_Eiffel_Tower", "The_Great_Wall_of_China", "The_Mona_Lisa"]
+    assert protocol_defaults(dnet, "swad") == {"steps": 15001, "checkpoint_freq": 500}
+    assert protocol_defaults(dnet, "default") == {"steps": 5001, "checkpoint_freq": 1000}
+    assert domain_names(office)[-1] == "Real World" and len(office["classes"]) == 65
+    assert office["classes"].index("TV") < office["classes"].index("Table")
+    assert domain_names(terra)[:2] == ["location_100", "location_38"] and terra["allow_missing_classes"]
+    assert sum(domain_counts(terra).values()) == 24788
+
+
+def test_missing_class_folder_allowed_when_the_manifest_says_so(tmp_path: Path) -> None:
+    """TerraIncognita-style: global class ids; a domain without a class keeps the other labels."""
+    root, manifest = make_dataset(tmp_path)
+    manifest["classes"] = ["bird", "cat", "dog"]
+    manifest["counts"] = {}
+    (root / "Fake" / "d0" / "bird").mkdir()
+    write_files(root / "Fake", ["d0/bird/x.png"])
+    with pytest.raises(DataError, match="d1 lacks class folder"):
+        build(root, manifest)
+    manifest["allow_missing_classes"] = True
+    ds = build(root, manifest)
+    assert ds[0].labels.tolist() == [0, 1, 1, 2] and ds[1].labels.tolist() == [1, 2, 2]
 
 
 # ------------------------------------------------------------------- errors
