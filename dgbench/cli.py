@@ -26,6 +26,7 @@ USAGE = """usage: dgbench <command> [args]
 commands:
   train [overrides...]              train one run (Hydra app: -m for multirun, --cfg job, --help)
   list [algorithms|datasets|backbones]  registered components with their hparams and defaults
+  data list|info|download|verify|split  obtain, inspect and audit datasets (dgbench data -h)
 """
 
 
@@ -42,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
     try:
+        if command == "data":  # no registry needed for most subcommands: skip importing torch
+            from dgbench.data.commands import main as data_main
+
+            sys.exit(data_main(rest))
         from dgbench.components import load_components
 
         load_components()

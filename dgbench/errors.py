@@ -16,3 +16,8 @@ class ConfigError(DGBenchError, KeyError):
 
 class DataError(DGBenchError):
     """A dataset is missing, incomplete or contains an unreadable file."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An exception's message on one line (library messages often span several)."""
+    return " ".join(str(error).split()) or type(error).__name__

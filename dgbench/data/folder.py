@@ -32,7 +32,7 @@ from PIL import Image
 
 import dgbench
 from dgbench.data.base import DATA_ENV, DatasetConfig, DomainData, MultiDomainDataset, data_root
-from dgbench.errors import ConfigError, DataError
+from dgbench.errors import ConfigError, DataError, one_line
 from dgbench.registry import DATASETS
 
 # torchvision's IMG_EXTENSIONS, which DomainBed's ImageFolder uses (matched lower-cased).
@@ -57,9 +57,21 @@ def load_manifest(source: ManifestSource) -> dict[str, Any]:
         manifest, where = dict(source), f"manifest {source.get('name', '?')!r}"
     else:
         path = _manifest_path(source)
-        manifest, where = _read_yaml(path), str(path)
+        manifest, where = read_mapping(path), str(path)
+        manifest.setdefault("_dir", str(path.parent))  # where its data files (checksum lists) live
     _check_manifest(manifest, where)
     return manifest
+
+
+def manifest_data_file(manifest: Mapping[str, Any], file_name: str) -> Path:
+    """A data file named by a manifest (checksum or duplicate list), beside the manifest file."""
+    path = Path(manifest.get("_dir") or manifest_dir()) / file_name
+    if not path.is_file():
+        raise DataError(
+            f"manifest {manifest.get('name', '?')!r} names data file {file_name!r}, but {path} does not "
+            f"exist; restore it from the dgbench repository"
+        )
+    return path
 
 
 def _manifest_path(source: str | os.PathLike) -> Path:
@@ -80,17 +92,23 @@ def _manifest_path(source: str | os.PathLike) -> Path:
     return path
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """Plain containers via yaml.safe_load: manifests are data, not Hydra configs."""
+def read_mapping(path: Path, what: str = "manifest") -> dict[str, Any]:
+    """A YAML or `.json` file holding a mapping, as plain containers.
+
+    Manifests and annotation files are data, not Hydra configs; JSON goes through `json`
+    (TerraIncognita's annotation files are large). Errors name the file and what it is.
+    """
+    is_json = path.suffix.lower() == ".json"
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = json.load(f) if is_json else yaml.safe_load(f)
     except OSError as exc:
-        raise DataError(f"cannot read manifest {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise DataError(f"manifest {path} is not valid YAML: {_one_line(exc)}") from exc
+        raise DataError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        kind = "JSON" if is_json else "YAML"
+        raise DataError(f"{what} {path} is not valid {kind}: {one_line(exc)}") from exc
     if not isinstance(data, dict):
-        raise DataError(f"manifest {path} must be a mapping of keys, got {type(data).__name__}")
+        raise DataError(f"{what} {path} must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -236,7 +254,7 @@ class FolderDomain(DomainData):
                 return image.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(
-                f"cannot read image {path}: {_one_line(exc)}; re-download or verify the dataset, "
+                f"cannot read image {path}: {one_line(exc)}; re-download or verify the dataset, "
                 f"or delete this file"
             ) from exc
 
@@ -348,10 +366,6 @@ def _check_images(dataset: FolderDataset, allow_missing: bool) -> None:
             f"in/out splits will not match DomainBed's: verify or re-download the dataset",
             stacklevel=3,
         )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 # ---------------------------------------------------------------- registration
