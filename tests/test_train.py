@@ -172,3 +172,22 @@ def test_unreadable_image_fails_naming_the_file_or_is_skipped_and_counted(make_c
     per_domain = 600 // 50  # indices 7, 57, ... in each of the 4 domains, all evaluated once
     assert record["metrics"]["skipped_images"] >= 4 * per_domain
     assert all(0.0 <= a <= 1.0 for splits in record["acc"].values() for a in splits.values())
+
+
+def test_real_pacs_trains_and_records_all_four_domains(make_cfg, pacs_dir):
+    """A reduced-resolution run on the real PACS: DomainBed's domains, splits and record layout."""
+    overrides = [
+        "dataset=pacs",
+        f"dataset.root={pacs_dir.parent}",
+        "dataset.test_envs=[sketch]",
+        "data.resolution=32",
+        "trainer.steps=1",
+        "algorithm.batch_size=8",
+    ]
+    result = train(make_cfg(*overrides), overrides)
+    record = read_records(result.run_dir / "results.jsonl")[-1]
+    assert result.domains == ["art_painting", "cartoon", "photo", "sketch"] and record["test_envs"] == [3]
+    assert set(record["acc"]) == set(result.domains) and result.num_classes == 7
+    assert record["epoch"] == 0 and record["hparams"]["batch_size"] == 8
+    for splits in record["acc"].values():
+        assert 0.0 <= splits["in"] <= 1.0 and 0.0 <= splits["out"] <= 1.0
