@@ -30,6 +30,12 @@ def pacs_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Index caches go to a session temp dir, never the user's ~/.cache (subprocesses inherit it)."""
+    os.environ["DGBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data root per test session, so the embedded dataset is generated once."""

@@ -226,17 +226,17 @@ class FolderDomain(DomainData):
         root: str | os.PathLike,
         classes: Sequence[str] | None = None,
         name: str | None = None,
-        present: Sequence[str] | None = None,
+        index: tuple[list[str], np.ndarray] | None = None,
     ) -> None:
         self.root = Path(root)
         self.name = name or self.root.name
         self.classes = list(classes) if classes is not None else find_classes(self.root)
-        self.present_classes = list(present) if present is not None else self.classes
-        per_class = [
-            list_class_files(self.root, c) if c in self.present_classes else [] for c in self.classes
-        ]
-        self.ids: list[str] = [f for files in per_class for f in files]
-        self.labels = np.repeat(np.arange(len(self.classes), dtype=np.int64), [len(f) for f in per_class])
+        if index is None:  # walk now; FolderDataset passes a (cached) index instead
+            per_class = [list_class_files(self.root, c) for c in self.classes]
+            labels = np.repeat(np.arange(len(self.classes), dtype=np.int64), [len(f) for f in per_class])
+            index = ([f for files in per_class for f in files], labels)
+        self.ids: list[str] = index[0]
+        self.labels = index[1]
 
     @cached_property
     def paths(self) -> list[str]:
@@ -274,13 +274,14 @@ class FolderDataset(MultiDomainDataset):
         classes = manifest.get("classes") or find_classes(self.root / domains[0])
         allow_missing = bool(manifest.get("allow_missing_classes", False))
         present = _check_class_dirs(self.root, name, domains, classes, allow_missing)
-        super().__init__(
-            [FolderDomain(self.root / d, classes, name=d, present=present[d]) for d in domains], classes
-        )
+        from dgbench.data.index_cache import index_domains  # imports this module
+
+        index = index_domains(self.root, domains, classes, version=manifest_fingerprint(manifest))
+        super().__init__([FolderDomain(self.root / d, classes, d, index[d]) for d in domains], classes)
         self.name = name
         for key in ("resolution", "steps", "checkpoint_freq"):
             setattr(self, key, int(manifest.get(key, getattr(self, key))))
-        _check_images(self, allow_missing)
+        _check_images(self, present)
 
     def protocol_defaults(self, protocol: str) -> dict[str, int]:
         return protocol_defaults(self.manifest, protocol)
@@ -341,13 +342,13 @@ def _check_class_dirs(
     return found
 
 
-def _check_images(dataset: FolderDataset, allow_missing: bool) -> None:
+def _check_images(dataset: FolderDataset, present: Mapping[str, Sequence[str]]) -> None:
     """Fail on an empty class folder (ImageFolder does too); warn when a domain's count is off."""
     empty = [
         f"{d.name}/{dataset.classes[c]}"
         for d in dataset.domain_data
         for c in np.flatnonzero(np.bincount(d.labels, minlength=len(dataset.classes)) == 0)
-        if not allow_missing or dataset.classes[c] in d.present_classes
+        if dataset.classes[c] in present[d.name]  # an absent folder is allowed or already an error
     ]
     if empty:
         raise DataError(

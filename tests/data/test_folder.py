@@ -294,3 +294,24 @@ def test_real_pacs(pacs_dir: Path) -> None:
     assert np.bincount(ds[3].labels).tolist() == [772, 740, 753, 608, 816, 80, 160]
     image, label = ds[3][ds[3].ids.index("dog/n02103406_4068-1.png")]  # the PNG Dassl skips
     assert (image.mode, image.size, label) == ("RGB", (227, 227), 0)
+
+
+def test_second_build_reads_the_cached_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset indexes through the cache: a second start walks nothing, a new file is seen."""
+    import dgbench.data.index_cache as index_cache
+
+    monkeypatch.setenv("DGBENCH_CACHE", str(tmp_path / "cache"))
+    root, manifest = make_dataset(tmp_path)
+    first = build(root, manifest)
+
+    def no_walk(*args: object) -> list[str]:
+        raise AssertionError("walked the tree although the index is cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(index_cache, "list_class_files", no_walk)
+        second = build(root, manifest)
+    assert [d.ids for d in second] == [d.ids for d in first]
+    assert [d.labels.tolist() for d in second] == [d.labels.tolist() for d in first]
+    write_files(root / "Fake", ["d1/cat/z.png"])  # changes d1/cat's mtime, so the key
+    manifest["counts"] = {}
+    assert build(root, manifest)[1].ids == ["cat/a.jpg", "cat/z.png", "dog/b.png", "dog/c.png"]
