@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from dgbench.data.folder import (
     domain_names,
     list_class_files,
     load_manifest,
+    manifest_data_file,
     protocol_defaults,
 )
 from dgbench.errors import ConfigError, DataError
@@ -315,3 +317,30 @@ def test_second_build_reads_the_cached_index(tmp_path: Path, monkeypatch: pytest
     write_files(root / "Fake", ["d1/cat/z.png"])  # changes d1/cat's mtime, so the key
     manifest["counts"] = {}
     assert build(root, manifest)[1].ids == ["cat/a.jpg", "cat/z.png", "dog/b.png", "dog/c.png"]
+
+
+def test_manifest_data_files_are_intact_and_agree_with_the_counts() -> None:
+    """Vendored lists hash to the values the manifests record; their contents match the counts."""
+    dnet, vlcs, pacs = (load_manifest(n) for n in ("domainnet", "vlcs", "pacs"))
+    duplicates = manifest_data_file(dnet, "domainnet_duplicates.txt").read_bytes()
+    assert hashlib.sha256(duplicates).hexdigest() == dnet["verify"]["duplicates_list_sha256"]
+    listed = Counter(line.split("/")[0] for line in duplicates.decode().splitlines())
+    # DomainBed deletes these from the original zips: original - listed = cleaned (clipart unresolved)
+    originals = dnet["counts"]["original_per_domain"]
+    for domain, cleaned in domain_counts(dnet).items():
+        assert originals[domain] - listed[domain] == cleaned, domain
+
+    (source,) = [s for s in vlcs["sources"] if s["id"] == "from-source"]
+    files = manifest_data_file(vlcs, source["file_list"]).read_bytes()
+    assert hashlib.sha256(files).hexdigest() == source["file_list_sha256"]
+    per_class = Counter(tuple(line.split()[1].split("/")[1:3]) for line in files.decode().splitlines())
+    assert {f"{d}/{c}": n for (d, c), n in per_class.items()} == {
+        f"{d}/{c}": n for d, row in vlcs["counts"]["per_class"].items() for c, n in row.items()
+    }
+
+    checksums = manifest_data_file(pacs, pacs["verify"]["per_file_sha256"]).read_text().splitlines()
+    paths = [line.split("  ", 1)[1] for line in checksums]
+    assert len(paths) == 9991
+    assert (
+        hashlib.sha256("\n".join(sorted(paths)).encode()).hexdigest() == pacs["verify"]["relpath_list_sha256"]
+    )
