@@ -10,7 +10,8 @@ def _load_builtins() -> None:
     import dgbench.algorithms
     import dgbench.backbones
     import dgbench.data.embedded
-    import dgbench.data.folder  # noqa: F401
+    import dgbench.data.folder
+    import dgbench.data.mnist  # noqa: F401
     from dgbench.config import register_schemas
 
     register_schemas()

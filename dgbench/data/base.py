@@ -98,6 +98,9 @@ class MultiDomainDataset:
         """Map test environments given as indices or domain names to sorted indices."""
         resolved = set()
         for env in test_envs:
+            if isinstance(env, str) and env in self.domains:  # names first: RotatedMNIST's are "0", "15"...
+                resolved.add(self.domains.index(env))
+                continue
             if isinstance(env, str) and not env.lstrip("-").isdigit():
                 if env not in self.domains:
                     raise ConfigError(
