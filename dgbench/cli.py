@@ -98,14 +98,17 @@ def _run_hydra_train(overrides: list[str]) -> None:
 
         load_components()  # again: launchers may run jobs in fresh processes
         hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN"
         try:
             result = train(cfg, list(hydra_cfg.overrides.task))
-        except DGBenchError as error:
-            if hydra_cfg.mode is not None and hydra_cfg.mode.name == "MULTIRUN":
-                log.error("run failed: %s", user_message(error))  # the sweep carries on
+        except Exception as error:
+            if multirun:  # recorded in the run's status.json; the sweep carries on
+                log.error("run failed (%s): %s", " ".join(hydra_cfg.overrides.task), user_message(error))
                 return
-            _exit_with(error)
-            return
+            if isinstance(error, DGBenchError):
+                _exit_with(error)
+                return
+            raise  # a bug: keep the traceback
         _print_summary(result)
 
     if not any(arg.startswith("-") for arg in overrides):  # single run: fail early, in one line

@@ -31,7 +31,7 @@ from dgbench.atomic import atomic_write_json, atomic_write_text
 from dgbench.backbones import build_backbone
 from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from dgbench.config import Device, Protocol, apply_hparams_seed, require_positive, run_id, training_seed
-from dgbench.data.base import MultiDomainDataset
+from dgbench.data.base import MultiDomainDataset, resolve_test_envs
 from dgbench.data.loaders import SplitView, eval_loader, train_loader
 from dgbench.data.splits import split_indices
 from dgbench.data.transforms import eval_transform, train_transform
@@ -40,10 +40,9 @@ from dgbench.hparams import seed_hash
 from dgbench.loggers import build_sink
 from dgbench.records import RESULTS_FILE, append_record, truncate_records, write_records
 from dgbench.registry import ALGORITHMS, DATASETS
+from dgbench.runs import DONE_FILE, STATUS_FILE, Heartbeat
 
 log = logging.getLogger(__name__)
-DONE_FILE = "done"
-STATUS_FILE = "status.json"
 
 
 class DivergedError(DGBenchError):
@@ -56,25 +55,42 @@ class RunResult:
     record: dict[str, Any] | None  # the final record; None when the run was already done
     domains: list[str]
     test_envs: list[int]
-    num_classes: int
+    num_classes: int | None  # None when the run was already done (the dataset was not built)
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
-    """Train (or resume, or skip) the run `cfg` describes. `overrides` are the command-line ones."""
+    """Train (or resume, or skip) the run `cfg` describes. `overrides` are the command-line ones.
+
+    A finished run is recognised before the dataset is built, so relaunching a sweep skips its
+    done runs in milliseconds. Anything that fails once the run directory exists (building the
+    dataset included) is recorded in `status.json`.
+    """
     apply_hparams_seed(cfg, overrides)
-    dataset: MultiDomainDataset = DATASETS.get(cfg.dataset.name).obj(OmegaConf.to_object(cfg.dataset))
-    test_envs = dataset.resolve_test_envs(cfg.dataset.test_envs)
+    dataset_cfg = OmegaConf.to_object(cfg.dataset)
+    domains = dataset_cfg.domain_names() if hasattr(dataset_cfg, "domain_names") else None
+    dataset: MultiDomainDataset | None = None
+    if domains is None:  # a dataset (plugin) that must be built to know its domains
+        dataset = _build_dataset(cfg, dataset_cfg)
+        domains = dataset.domains
+    test_envs = resolve_test_envs(domains, cfg.dataset.test_envs, cfg.dataset.name)
     cfg.dataset.test_envs = test_envs  # indices, so `test_envs=[photo]` and `[2]` are one run
     run_dir = Path(cfg.output_dir) / cfg.name / run_id(cfg)
     if (run_dir / DONE_FILE).exists():
         log.info("run %s is already done (%s); nothing to train", run_dir.name, run_dir / DONE_FILE)
-        return RunResult(run_dir, None, dataset.domains, test_envs, dataset.num_classes)
+        return RunResult(run_dir, None, list(domains), test_envs, None)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STATUS_FILE).unlink(missing_ok=True)
     handler = _log_to_file(run_dir / "train.log")
     try:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        record = _train(cfg, dataset, test_envs, run_dir)
+        with Heartbeat(run_dir):
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            dataset = dataset or _build_dataset(cfg, dataset_cfg)
+            if dataset.domains != list(domains):
+                raise DGBenchError(
+                    f"dataset {cfg.dataset.name}: built with domains {dataset.domains}, but its config "
+                    f"announced {list(domains)}; fix the dataset's domain_names()"
+                )
+            record = _train(cfg, dataset, test_envs, run_dir)
         atomic_write_text(run_dir / DONE_FILE, "")
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a done run never resumes; save the disk
         return RunResult(run_dir, record, dataset.domains, test_envs, dataset.num_classes)
@@ -87,6 +103,10 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def _build_dataset(cfg: DictConfig, dataset_cfg: Any) -> MultiDomainDataset:
+    return DATASETS.get(cfg.dataset.name).obj(dataset_cfg)
 
 
 def _train(

@@ -12,7 +12,8 @@ from dgbench.config import run_id
 from dgbench.errors import ConfigError
 from dgbench.hparams import sample_hparams
 from dgbench.records import RECORD_KEYS, read_records
-from dgbench.train import DONE_FILE, STATUS_FILE, DivergedError, train
+from dgbench.runs import DONE_FILE, STATUS_FILE
+from dgbench.train import DivergedError, train
 
 FAST = ("trainer.steps=7", "trainer.checkpoint_freq=3", "algorithm.batch_size=8")
 TIMING_KEYS = ("step_time", "mem_gb")

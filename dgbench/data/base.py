@@ -31,6 +31,14 @@ class DatasetConfig:
     test_envs: list[Any] = field(default_factory=lambda: [0])  # indices or domain names
     holdout_fraction: float = 0.2  # share of each domain held out as its `out` split
 
+    def domain_names(self) -> list[str] | None:
+        """The domains, known without building the dataset (None: build it to find out).
+
+        Lets a relaunched sweep recognise a finished run in milliseconds: its run id needs
+        the test domains as indices, not the (possibly 586k-file) dataset itself.
+        """
+        return None
+
 
 def data_root(root: str | None) -> Path:
     """The data root: the configured one, else `$DGBENCH_DATA`, else `./data`."""
@@ -96,29 +104,31 @@ class MultiDomainDataset:
 
     def resolve_test_envs(self, test_envs: Sequence[Any]) -> list[int]:
         """Map test environments given as indices or domain names to sorted indices."""
-        resolved = set()
-        for env in test_envs:
-            if isinstance(env, str) and env in self.domains:  # names first: RotatedMNIST's are "0", "15"...
-                resolved.add(self.domains.index(env))
-                continue
-            if isinstance(env, str) and not env.lstrip("-").isdigit():
-                if env not in self.domains:
-                    raise ConfigError(
-                        f"dataset.test_envs: unknown domain {env!r} for {self.name}; "
-                        f"valid: {', '.join(self.domains)} or indices 0..{len(self) - 1}"
-                    )
-                resolved.add(self.domains.index(env))
-                continue
-            index = int(env)
-            if not 0 <= index < len(self):
-                raise ConfigError(
-                    f"dataset.test_envs: index {index} out of range for {self.name} "
-                    f"({len(self)} domains: {', '.join(self.domains)})"
-                )
-            resolved.add(index)
-        if len(resolved) >= len(self):
+        return resolve_test_envs(self.domains, test_envs, self.name)
+
+
+def resolve_test_envs(domains: Sequence[str], test_envs: Sequence[Any], dataset: str) -> list[int]:
+    """Map test environments given as indices or domain names to sorted indices."""
+    resolved = set()
+    for env in test_envs:
+        if isinstance(env, str) and env in domains:  # names first: RotatedMNIST's are "0", "15"...
+            resolved.add(list(domains).index(env))
+            continue
+        if isinstance(env, str) and not env.lstrip("-").isdigit():
             raise ConfigError(
-                f"dataset.test_envs={list(test_envs)} leaves no training domain; "
-                f"{self.name} has {len(self)} domains"
+                f"dataset.test_envs: unknown domain {env!r} for {dataset}; "
+                f"valid: {', '.join(domains)} or indices 0..{len(domains) - 1}"
             )
-        return sorted(resolved)
+        index = int(env)
+        if not 0 <= index < len(domains):
+            raise ConfigError(
+                f"dataset.test_envs: index {index} out of range for {dataset} "
+                f"({len(domains)} domains: {', '.join(domains)})"
+            )
+        resolved.add(index)
+    if len(resolved) >= len(domains):
+        raise ConfigError(
+            f"dataset.test_envs={list(test_envs)} leaves no training domain; "
+            f"{dataset} has {len(domains)} domains"
+        )
+    return sorted(resolved)

@@ -60,6 +60,9 @@ class EmbeddedConfig(DatasetConfig):
     max_shift: float = 0.15  # object centre offset from the image centre, fraction of the side (each axis)
     max_rotation: float = 30.0  # objects are rotated uniformly within ±this many degrees
 
+    def domain_names(self) -> list[str]:
+        return list(DOMAINS)
+
 
 # ---------------------------------------------------------------- shapes (high-res masks)
 

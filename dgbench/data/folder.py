@@ -376,6 +376,9 @@ def _check_images(dataset: FolderDataset, present: Mapping[str, Sequence[str]]) 
 class FolderConfig(DatasetConfig):
     """Config of a folder dataset: only the shared keys; the manifest describes the data."""
 
+    def domain_names(self) -> list[str]:
+        return domain_names(load_manifest(self.name))
+
 
 def build_folder_dataset(cfg: Any, manifest: ManifestSource | None = None) -> FolderDataset:
     """Build `<data root>/<manifest dir>` for `cfg.name` (or an explicit manifest, for tests)."""

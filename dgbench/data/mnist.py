@@ -82,11 +82,17 @@ class MNISTConfig(DatasetConfig):
 class RotatedMNISTConfig(MNISTConfig):
     name: str = "rotated_mnist"
 
+    def domain_names(self) -> list[str]:
+        return list(ROTATIONS)
+
 
 @dataclass(kw_only=True)
 class ColoredMNISTConfig(MNISTConfig):
     name: str = "colored_mnist"
     subsample: int = 1  # keep every n-th row and column; 2: IRM's 14x14 images (current DomainBed: 1)
+
+    def domain_names(self) -> list[str]:
+        return list(COLOR_FLIPS)
 
 
 # ---------------------------------------------------------------- MNIST and the environments

@@ -62,6 +62,15 @@ def test_small_cnn_shape(hw: tuple[int, int]) -> None:
     assert feat.n_outputs == 128 and feat.mean == feat.std == (0.5, 0.5, 0.5)
 
 
+def test_small_cnn_width_scales_every_layer() -> None:
+    feat = build_backbone(small_cfg(width=0.25))
+    convs = [m for m in feat.model.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [8, 16, 16, 32] and feat.n_outputs == 32
+    assert feat(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+    with pytest.raises(ConfigError, match="backbone.width"):
+        build_backbone(small_cfg(width=0.0))
+
+
 def test_small_cnn_gradients_reach_first_layer() -> None:
     feat = build_backbone(small_cfg())
     feat(torch.randn(2, 3, 32, 32)).sum().backward()

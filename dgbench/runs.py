@@ -1,0 +1,133 @@
+"""The life cycle of a run directory, as files: what `train` writes, `status` and `results` read.
+
+`<output_dir>/<name>/<run_id>/` holds `config.yaml`, `results.jsonl`, `train.log`, and
+- `heartbeat`: touched every `HEARTBEAT_INTERVAL_S` by a thread of the training process, so a
+  run whose heartbeat is older than `STALE_AFTER_S` has no process behind it (killed, node lost)
+  even if it never got to say so; a long evaluation keeps it fresh.
+- `checkpoint.pt` while unfinished; `done` when finished (the checkpoint is then deleted);
+- `status.json` (`{"status": "failed", "error": ...}`) when it raised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from dgbench.records import RESULTS_FILE
+
+DONE_FILE = "done"
+STATUS_FILE = "status.json"
+HEARTBEAT_FILE = "heartbeat"
+HEARTBEAT_INTERVAL_S = 30.0
+STALE_AFTER_S = 300.0  # 10 missed heartbeats: the process is gone
+
+
+class Heartbeat:
+    """Touch `<run_dir>/heartbeat` now and every `interval` seconds until the block exits."""
+
+    def __init__(self, run_dir: Path, interval: float = HEARTBEAT_INTERVAL_S) -> None:
+        self.path = Path(run_dir) / HEARTBEAT_FILE
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="dgbench-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.touch()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def touch(self) -> None:
+        self.path.touch()
+        os.utime(self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.touch()
+            except OSError:  # a full or vanished disk must not kill training; status shows it stale
+                pass
+
+
+@dataclass
+class RunState:
+    """What a run directory says about its run."""
+
+    run_dir: Path
+    status: str  # done | failed | running | dead (unfinished, no fresh heartbeat)
+    last_step: int | None = None
+    error: str | None = None
+    heartbeat_age_s: float | None = None
+
+
+def run_state(run_dir: Path, now: float | None = None, stale_after: float = STALE_AFTER_S) -> RunState:
+    """Classify one run directory by its files (cheap: a few stats, one small read at most)."""
+    run_dir = Path(run_dir)
+    if (run_dir / DONE_FILE).exists():
+        return RunState(run_dir, "done", _last_step(run_dir))
+    status_file = run_dir / STATUS_FILE
+    if status_file.exists():
+        try:
+            error = str(json.loads(status_file.read_text(encoding="utf-8")).get("error", "?"))
+        except (OSError, ValueError):
+            error = f"unreadable {STATUS_FILE}"
+        return RunState(run_dir, "failed", _last_step(run_dir), error)
+    age = _age(run_dir / HEARTBEAT_FILE, now)
+    fresh = age is not None and age < stale_after
+    return RunState(run_dir, "running" if fresh else "dead", _last_step(run_dir), None, age)
+
+
+def _age(path: Path, now: float | None) -> float | None:
+    try:
+        return (time.time() if now is None else now) - path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _last_step(run_dir: Path) -> int | None:
+    """The step of the last complete record (reads only the file's tail)."""
+    path = run_dir / RESULTS_FILE
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 65536))
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def find_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories (those holding `config.yaml` or `results.jsonl`) under `paths`, sorted.
+
+    Does not descend into a run directory or into Hydra's `.multirun` folders.
+    """
+    found: list[Path] = []
+    stack = [Path(p) for p in paths]
+    while stack:
+        folder = stack.pop()
+        if (folder / "config.yaml").is_file() or (folder / RESULTS_FILE).is_file():
+            found.append(folder)
+            continue
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        stack.extend(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
+    return sorted(found)
