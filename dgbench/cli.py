@@ -27,6 +27,8 @@ commands:
   train [overrides...]              train one run (Hydra app: -m for multirun, --cfg job, --help)
   list [algorithms|datasets|backbones]  registered components with their hparams and defaults
   data list|info|download|verify|split  obtain, inspect and audit datasets (dgbench data -h)
+  sweep NAME [key=value...] [--dry-run]  run sweeps/NAME.yaml as Hydra multiruns, then print the tables
+  status DIR...                     runs under DIR: done, failed, running or dead; remaining compute
 """
 
 
@@ -54,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             _run_hydra_train(rest)
         elif command == "list":
             _list(rest)
+        elif command == "sweep":
+            sys.exit(_sweep(rest))
+        elif command == "status":
+            sys.exit(_status(rest))
         else:
             print(f"dgbench: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
             sys.exit(2)
@@ -109,7 +115,11 @@ def _run_hydra_train(overrides: list[str]) -> None:
                 _exit_with(error)
                 return
             raise  # a bug: keep the traceback
-        _print_summary(result)
+        if multirun:
+            state = "already done" if result.record is None else f"done, step {result.record['step']}"
+            log.info("run %s: %s", result.run_dir, state)
+        else:
+            _print_summary(result)
 
     if not any(arg.startswith("-") for arg in overrides):  # single run: fail early, in one line
         _check_composes(overrides)
@@ -169,6 +179,50 @@ def _print_summary(result: RunResult) -> None:
         acc = record["acc"][domain]
         print(f"{domain:<16}{role:<7}{100 * acc['in']:>7.1f}%{100 * acc['out']:>7.1f}%")
     print(f"records: {result.run_dir / RESULTS_FILE}")
+
+
+def _sweep(args: list[str]) -> int:
+    from dgbench.sweep import dry_run_report, launch, load_sweep, plan, sweep_names
+
+    parser = argparse.ArgumentParser(
+        prog="dgbench sweep",
+        description="Run a named sweep (sweeps/<name>.yaml); relaunching it trains only what is missing.",
+        epilog=f"sweeps: {', '.join(sweep_names())}. key=value sets a sweep key (datasets, algorithms, "
+        "test_envs, hparams_seeds, trial_seeds) or adds a training override for every run.",
+    )
+    parser.add_argument("name", help="a sweep name or a path to a sweep YAML file")
+    parser.add_argument("args", nargs="*", help="key=value sweep keys and training overrides")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="count runs by state; estimate the compute left"
+    )
+    parser.add_argument("--no-table", action="store_true", help="do not print the result tables at the end")
+    options = parser.parse_args(args)
+    sweep = load_sweep(options.name, options.args)
+    if options.dry_run:
+        print(dry_run_report(sweep, plan(sweep)))
+        return 0
+    status = launch(sweep)
+    if not options.no_table:
+        output_dir = next(
+            (o.split("=", 1)[1] for o in reversed(sweep.overrides) if o.startswith("output_dir=")), None
+        )
+        sweep_dir = Path(output_dir or "outputs") / sweep.name
+        print(f"\nresults of {sweep_dir} (dgbench results {sweep_dir}):", flush=True)
+        from dgbench.results_cli import main as results_main
+
+        status = results_main([str(sweep_dir)]) or status
+    return status
+
+
+def _status(args: list[str]) -> int:
+    from dgbench.sweep import status_report
+
+    parser = argparse.ArgumentParser(prog="dgbench status", description="State of the runs under DIR...")
+    parser.add_argument("dirs", nargs="+", type=Path, help="output or sweep directories")
+    parser.add_argument("--stale-after", type=float, default=None, help="seconds without heartbeat = dead")
+    options = parser.parse_args(args)
+    print(status_report(options.dirs, options.stale_after))
+    return 0
 
 
 def _list(args: list[str]) -> None:

@@ -20,11 +20,13 @@ from types import TracebackType
 
 from dgbench.records import RESULTS_FILE
 
+CONFIG_FILE = "config.yaml"
 DONE_FILE = "done"
 STATUS_FILE = "status.json"
 HEARTBEAT_FILE = "heartbeat"
 HEARTBEAT_INTERVAL_S = 30.0
 STALE_AFTER_S = 300.0  # 10 missed heartbeats: the process is gone
+RUN_MARKERS = (CONFIG_FILE, RESULTS_FILE, STATUS_FILE, DONE_FILE)  # any of them makes a run directory
 
 
 class Heartbeat:
@@ -114,7 +116,7 @@ def _last_step(run_dir: Path) -> int | None:
 
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:
-    """Run directories (those holding `config.yaml` or `results.jsonl`) under `paths`, sorted.
+    """Run directories (holding one of `RUN_MARKERS`) under `paths`, sorted.
 
     Does not descend into a run directory or into Hydra's `.multirun` folders.
     """
@@ -122,7 +124,7 @@ def find_run_dirs(paths: list[Path]) -> list[Path]:
     stack = [Path(p) for p in paths]
     while stack:
         folder = stack.pop()
-        if (folder / "config.yaml").is_file() or (folder / RESULTS_FILE).is_file():
+        if any((folder / marker).is_file() for marker in RUN_MARKERS):
             found.append(folder)
             continue
         try:

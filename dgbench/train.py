@@ -37,10 +37,10 @@ from dgbench.data.splits import split_indices
 from dgbench.data.transforms import eval_transform, train_transform
 from dgbench.errors import DGBenchError
 from dgbench.hparams import seed_hash
-from dgbench.loggers import build_sink
+from dgbench.loggers import build_sink, check_logger
 from dgbench.records import RESULTS_FILE, append_record, truncate_records, write_records
 from dgbench.registry import ALGORITHMS, DATASETS
-from dgbench.runs import DONE_FILE, STATUS_FILE, Heartbeat
+from dgbench.runs import CONFIG_FILE, DONE_FILE, STATUS_FILE, Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     dataset included) is recorded in `status.json`.
     """
     apply_hparams_seed(cfg, overrides)
+    check_logger(cfg.logger)  # a missing wandb fails now, not after the dataset is built
     dataset_cfg = OmegaConf.to_object(cfg.dataset)
     domains = dataset_cfg.domain_names() if hasattr(dataset_cfg, "domain_names") else None
     dataset: MultiDomainDataset | None = None
@@ -83,7 +84,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     handler = _log_to_file(run_dir / "train.log")
     try:
         with Heartbeat(run_dir):
-            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
             dataset = dataset or _build_dataset(cfg, dataset_cfg)
             if dataset.domains != list(domains):
                 raise DGBenchError(
@@ -132,6 +133,10 @@ def _train(
     freq = require_positive(
         cfg.trainer.checkpoint_freq or defaults["checkpoint_freq"], "trainer.checkpoint_freq"
     )
+    resolved = cfg.copy()  # what really runs: config.yaml and the logger get the dataset's defaults filled in
+    resolved.trainer.steps, resolved.trainer.checkpoint_freq = steps, freq
+    if cfg.trainer.steps is None or cfg.trainer.checkpoint_freq is None:
+        atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(resolved, resolve=True))
     results = run_dir / RESULTS_FILE
     checkpoint = run_dir / CHECKPOINT_FILE
     start = 0
@@ -190,7 +195,11 @@ def _train(
         "hparams": {k: v for k, v in OmegaConf.to_container(cfg.algorithm).items() if k != "name"},
     }
     sink = build_sink(
-        cfg.logger, run_dir, run_dir.name, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        cfg.logger,
+        run_dir,
+        run_dir.name,
+        OmegaConf.to_container(resolved, resolve=True, enum_to_str=True),
+        [dataset.domains[i] for i in test_envs],
     )
     autocast = _autocast(device, cfg.trainer.amp)
 
@@ -201,47 +210,54 @@ def _train(
     bar = tqdm(
         total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
     )
-    algorithm.train()
-    for step in range(start, steps):
-        tick = time.perf_counter()
-        batches = []
-        for it in iterators:
-            x, y, skipped = next(it)
-            batches.append(_to_device((x, y), device, memory_format))
-            skipped_images += skipped
-        with autocast:
-            metrics = algorithm.update(batches)
-        step_seconds += time.perf_counter() - tick
-        if not math.isfinite(metrics["loss"]):
-            raise DivergedError(f"training loss became {metrics['loss']} at step {step}; run marked failed")
-        for key, value in metrics.items():
-            meter[key].append(float(value))
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+    try:
+        algorithm.train()
+        for step in range(start, steps):
+            tick = time.perf_counter()
+            batches = []
+            for it in iterators:
+                x, y, skipped = next(it)
+                batches.append(_to_device((x, y), device, memory_format))
+                skipped_images += skipped
+            with autocast:
+                metrics = algorithm.update(batches)
+            step_seconds += time.perf_counter() - tick
+            if not math.isfinite(metrics["loss"]):
+                loss = metrics["loss"]
+                raise DivergedError(f"training loss became {loss} at step {step}; run marked failed")
+            for key, value in metrics.items():
+                meter[key].append(float(value))
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
-        if step % freq == 0 or step == steps - 1:
-            means = {key: float(np.mean(values)) for key, values in meter.items()}
-            acc, eval_skipped = _evaluate(algorithm, eval_views, cfg.trainer, device, memory_format, autocast)
-            if skip:
-                means["skipped_images"] = skipped_images + eval_skipped
-            record = {
-                **identity,
-                "step": step,
-                "epoch": step / steps_per_epoch,  # DomainBed: step / min_domain(len(in) / batch)
-                "loss": means.pop("loss"),
-                "metrics": means,
-                "acc": acc,
-                "step_time": step_seconds / len(meter["loss"]),
-                "mem_gb": _peak_memory_gb(device),
-            }
-            # Record first, then checkpoint: a crash in between leaves a record newer than the
-            # checkpoint, which the resumed run drops and recomputes identically.
-            append_record(results, record)
-            sink.log(record)
-            save_checkpoint(checkpoint, algorithm, step)
-            meter.clear()
-            step_seconds = 0.0
-            skipped_images = 0
+            if step % freq == 0 or step == steps - 1:
+                means = {key: float(np.mean(values)) for key, values in meter.items()}
+                acc, eval_skipped = _evaluate(
+                    algorithm, eval_views, cfg.trainer, device, memory_format, autocast
+                )
+                if skip:
+                    means["skipped_images"] = skipped_images + eval_skipped
+                record = {
+                    **identity,
+                    "step": step,
+                    "epoch": step / steps_per_epoch,  # DomainBed: step / min_domain(len(in) / batch)
+                    "loss": means.pop("loss"),
+                    "metrics": means,
+                    "acc": acc,
+                    "step_time": step_seconds / len(meter["loss"]),
+                    "mem_gb": _peak_memory_gb(device),
+                }
+                # Record first, then checkpoint: a crash in between leaves a record newer than the
+                # checkpoint, which the resumed run drops and recomputes identically.
+                append_record(results, record)
+                sink.log(record)
+                save_checkpoint(checkpoint, algorithm, step)
+                meter.clear()
+                step_seconds = 0.0
+                skipped_images = 0
+    except BaseException as error:
+        sink.finish(exit_code=130 if isinstance(error, KeyboardInterrupt) else 1)
+        raise
     bar.close()
     sink.finish()
     return record
