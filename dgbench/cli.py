@@ -29,6 +29,8 @@ commands:
   data list|info|download|verify|split  obtain, inspect and audit datasets (dgbench data -h)
   sweep NAME [key=value...] [--dry-run]  run sweeps/NAME.yaml as Hydra multiruns, then print the tables
   status DIR...                     runs under DIR: done, failed, running or dead; remaining compute
+  results DIR... [--selection iid,lodo,oracle] [--format terminal|markdown|latex|csv|json]
+                                    model selection and result tables (dgbench results -h)
 """
 
 
@@ -49,6 +51,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             from dgbench.data.commands import main as data_main
 
             sys.exit(data_main(rest))
+        if command == "results":
+            from dgbench.results_cli import main as results_main
+
+            sys.exit(results_main(rest))
         from dgbench.components import load_components
 
         load_components()
@@ -196,7 +202,7 @@ def _sweep(args: list[str]) -> int:
         "--dry-run", action="store_true", help="count runs by state; estimate the compute left"
     )
     parser.add_argument("--no-table", action="store_true", help="do not print the result tables at the end")
-    options = parser.parse_args(args)
+    options = parser.parse_intermixed_args(args)  # flags may follow key=value arguments
     sweep = load_sweep(options.name, options.args)
     if options.dry_run:
         print(dry_run_report(sweep, plan(sweep)))

@@ -14,10 +14,12 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from dgbench.errors import DGBenchError
 from dgbench.records import RESULTS_FILE
 
 CONFIG_FILE = "config.yaml"
@@ -26,7 +28,9 @@ STATUS_FILE = "status.json"
 HEARTBEAT_FILE = "heartbeat"
 HEARTBEAT_INTERVAL_S = 30.0
 STALE_AFTER_S = 300.0  # 10 missed heartbeats: the process is gone
-RUN_MARKERS = (CONFIG_FILE, RESULTS_FILE, STATUS_FILE, DONE_FILE)  # any of them makes a run directory
+# Any of these makes a directory a run directory (DomainBed's sweep output included); discovery
+# does not descend into run directories nor into hidden ones such as Hydra's `.multirun`.
+RUN_MARKERS = frozenset({CONFIG_FILE, RESULTS_FILE, STATUS_FILE, DONE_FILE, HEARTBEAT_FILE})
 
 
 class Heartbeat:
@@ -115,21 +119,51 @@ def _last_step(run_dir: Path) -> int | None:
     return None
 
 
-def find_run_dirs(paths: list[Path]) -> list[Path]:
-    """Run directories (holding one of `RUN_MARKERS`) under `paths`, sorted.
+def find_run_dirs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories (holding one of `RUN_MARKERS`) under `paths`, sorted."""
+    return sorted(Path(folder) for folder, _ in discover_runs(paths))
 
-    Does not descend into a run directory or into Hydra's `.multirun` folders.
-    """
-    found: list[Path] = []
-    stack = [Path(p) for p in paths]
-    while stack:
-        folder = stack.pop()
-        if any((folder / marker).is_file() for marker in RUN_MARKERS):
-            found.append(folder)
-            continue
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        stack.extend(Path(e.path) for e in entries if e.is_dir() and not e.name.startswith("."))
-    return sorted(found)
+
+def discover_runs(paths: Iterable[str | os.PathLike[str]]) -> list[tuple[str, frozenset[str]]]:
+    """Run directories below `paths` (sorted, depth first) with the names of the files in them."""
+    found: list[tuple[str, frozenset[str]]] = []
+    seen: set[str] = set()
+    for root in paths:
+        top = os.fspath(root)
+        if not os.path.isdir(top):
+            what = "is not a directory" if os.path.exists(top) else "does not exist"
+            raise DGBenchError(f"results directory {top} {what}")
+        stack = [top]
+        while stack:
+            folder = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except OSError as error:
+                raise DGBenchError(f"cannot list {folder}: {error.strerror or error}") from error
+            names = frozenset(entry.name for entry in entries if _is_file(entry))
+            if names & RUN_MARKERS:
+                real = os.path.realpath(folder)
+                if real not in seen:
+                    seen.add(real)
+                    found.append((folder, names))
+                continue
+            subdirs = sorted(
+                entry.path for entry in entries if not entry.name.startswith(".") and _is_dir(entry)
+            )
+            stack.extend(reversed(subdirs))
+    return found
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False

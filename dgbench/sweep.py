@@ -266,7 +266,7 @@ def measured_step_times(sweep_dirs: set[Path]) -> dict[tuple[str, str], float]:
     from dgbench.runs import find_run_dirs
 
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for run_dir in find_run_dirs(sorted(sweep_dirs)):
+    for run_dir in find_run_dirs([d for d in sorted(sweep_dirs) if d.is_dir()]):
         try:
             lines = (run_dir / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
         except OSError:

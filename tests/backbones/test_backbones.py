@@ -67,7 +67,7 @@ def test_small_cnn_width_scales_every_layer() -> None:
     convs = [m for m in feat.model.features if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [8, 16, 16, 32] and feat.n_outputs == 32
     assert feat(torch.randn(2, 3, 16, 16)).shape == (2, 32)
-    with pytest.raises(ConfigError, match="backbone.width"):
+    with pytest.raises(ConfigError, match=r"backbone\.width"):
         build_backbone(small_cfg(width=0.0))
 
 
