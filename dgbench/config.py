@@ -32,6 +32,7 @@ class Device(str, enum.Enum):
 
 class Pipeline(str, enum.Enum):
     reference = "reference"  # PIL decode + torchvision transforms per sample (DomainBed's path)
+    fast = "fast"  # in-memory uint8 images, augmentation as batched tensor ops on the device
 
 
 class Protocol(str, enum.Enum):

@@ -15,7 +15,7 @@ import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +30,19 @@ from dgbench.algorithms.base import Algorithm
 from dgbench.atomic import atomic_write_json, atomic_write_text
 from dgbench.backbones import build_backbone
 from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from dgbench.config import Device, Protocol, apply_hparams_seed, require_positive, run_id, training_seed
+from dgbench.config import (
+    Device,
+    Pipeline,
+    Protocol,
+    apply_hparams_seed,
+    require_positive,
+    run_id,
+    training_seed,
+)
 from dgbench.data.base import MultiDomainDataset, resolve_test_envs
-from dgbench.data.loaders import SplitView, eval_loader, train_loader
+from dgbench.data.pipeline import PipelineSpec, build_streams
 from dgbench.data.splits import split_indices
-from dgbench.data.transforms import eval_transform, train_transform
 from dgbench.errors import DGBenchError
-from dgbench.hparams import seed_hash
 from dgbench.loggers import build_sink, check_logger
 from dgbench.records import RESULTS_FILE, append_record, truncate_records, write_records
 from dgbench.registry import ALGORITHMS, DATASETS
@@ -148,41 +154,28 @@ def _train(
     else:
         write_records(results, [])  # a record without a checkpoint is from a run that died
 
-    resolution = cfg.data.resolution or dataset.resolution
-    train_tf = train_transform(resolution, backbone.mean, backbone.std, cfg.data.augment and dataset.augment)
-    eval_tf = eval_transform(resolution, backbone.mean, backbone.std)
     splits = [
         split_indices(len(d), cfg.dataset.holdout_fraction, cfg.trial_seed, i) for i, d in enumerate(dataset)
     ]
     batch_size = require_positive(hparams.batch_size, "algorithm.batch_size")
-    workers = cfg.trainer.num_workers
     skip = cfg.data.skip_corrupt
-    iterators = [
-        iter(
-            train_loader(
-                SplitView(dataset[i], splits[i][1], train_tf, skip_corrupt=skip),
-                batch_size,
-                seed_hash(seed, i),
-                start,
-                workers,
-                on_cuda,
-            )
-        )
-        for i in train_envs
-    ]
-    eval_views = {}
-    for i in range(len(dataset)):
-        for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
-            # DomainBed's quirk: the transform is attached before splitting, so a training domain's
-            # `out` split is evaluated augmented. Only the `domainbed` protocol reproduces it.
-            quirk = protocol is Protocol.domainbed and split == "out" and i in train_envs
-            eval_views[dataset.domains[i], split] = SplitView(
-                dataset[i],
-                indices,
-                train_tf if quirk else eval_tf,
-                seed=seed_hash(seed, "eval", i) if quirk else None,
-                skip_corrupt=skip,
-            )
+    spec = PipelineSpec(
+        pipeline=Pipeline(cfg.data.pipeline).value,
+        resolution=cfg.data.resolution or dataset.resolution,
+        mean=backbone.mean,
+        std=backbone.std,
+        augment=cfg.data.augment and dataset.augment,
+        augment_train_out=protocol is Protocol.domainbed,
+        batch_size=batch_size,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        seed=seed,
+        start_step=start,
+        num_workers=cfg.trainer.num_workers,
+        skip_corrupt=skip,
+        device=device,
+    )
+    streams = build_streams(dataset, splits, train_envs, spec)
+    iterators, eval_sources = streams.train, streams.eval
     steps_per_epoch = min(len(splits[i][1]) / batch_size for i in train_envs)
     identity = {
         "run_id": run_dir.name,
@@ -232,9 +225,7 @@ def _train(
 
             if step % freq == 0 or step == steps - 1:
                 means = {key: float(np.mean(values)) for key, values in meter.items()}
-                acc, eval_skipped = _evaluate(
-                    algorithm, eval_views, cfg.trainer, device, memory_format, autocast
-                )
+                acc, eval_skipped = _evaluate(algorithm, eval_sources, device, memory_format, autocast)
                 if skip:
                     means["skipped_images"] = skipped_images + eval_skipped
                 record = {
@@ -266,8 +257,7 @@ def _train(
 @torch.no_grad()
 def _evaluate(
     algorithm: Algorithm,
-    views: dict[tuple[str, str], SplitView],
-    trainer_cfg: Any,
+    sources: dict[tuple[str, str], Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, int]]]],
     device: torch.device,
     memory_format: torch.memory_format,
     autocast: AbstractContextManager[Any],
@@ -279,12 +269,9 @@ def _evaluate(
     algorithm.eval()
     acc: dict[str, dict[str, float]] = defaultdict(dict)
     skipped_images = 0
-    for (domain, split), view in views.items():
+    for (domain, split), batches in sources.items():
         correct = total = 0
-        loader = eval_loader(
-            view, trainer_cfg.eval_batch_size, trainer_cfg.num_workers, device.type == "cuda"
-        )
-        for x, y, skipped in loader:
+        for x, y, skipped in batches():
             skipped_images += skipped
             x, y = _to_device((x, y), device, memory_format)
             with autocast:

@@ -49,8 +49,9 @@ def test_run_writes_records_for_every_domain_and_a_done_marker(make_cfg):
     assert len(read_records(result.run_dir / "results.jsonl")) == 3
 
 
-def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, monkeypatch):
-    overrides = list(FAST)
+@pytest.mark.parametrize("pipeline", ["reference", "fast"])
+def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, monkeypatch, pipeline):
+    overrides = [*FAST, f"data.pipeline={pipeline}"]
     reference = train(make_cfg(*overrides, "name=uninterrupted"), overrides).record
 
     import dgbench.train as train_module
@@ -192,3 +193,38 @@ def test_real_pacs_trains_and_records_all_four_domains(make_cfg, pacs_dir):
     assert record["epoch"] == 0 and record["hparams"]["batch_size"] == 8
     for splits in record["acc"].values():
         assert 0.0 <= splits["in"] <= 1.0 and 0.0 <= splits["out"] <= 1.0
+
+
+def test_fast_and_reference_pipelines_feed_identical_batches_without_augmentation(make_cfg):
+    """Same indices per step, and the batched resize+normalize equals the PIL path bit for bit."""
+    overrides = [*FAST, "data.augment=false"]
+    ref = train(make_cfg(*overrides, "name=ref"), overrides).record
+    fast = train(make_cfg(*overrides, "data.pipeline=fast", "name=fast"), [*overrides, "data.pipeline=fast"])
+    assert fast.record["run_id"] != ref["run_id"]
+    assert _strip_timing({**fast.record, "run_id": None}) == _strip_timing({**ref, "run_id": None})
+
+
+def test_fast_pipeline_with_augmentation_learns_and_is_repeatable(make_cfg):
+    overrides = [*FAST, "data.pipeline=fast"]
+    first = train(make_cfg(*overrides, "name=a"), overrides).record
+    second = train(make_cfg(*overrides, "name=b"), overrides).record
+    assert _strip_timing(first) == _strip_timing(second)
+    reference = train(make_cfg(*FAST, "name=c"), list(FAST)).record
+    assert first["loss"] != reference["loss"]  # other augmentation draws, same distributions
+
+
+def test_fast_pipeline_needs_images_in_memory(tmp_path, make_cfg, monkeypatch):
+    from dgbench.data.embedded import EmbeddedDomain
+
+    monkeypatch.delattr(EmbeddedDomain, "arrays", raising=False)
+    monkeypatch.setattr(EmbeddedDomain, "__init__", _init_without_arrays(EmbeddedDomain.__init__))
+    with pytest.raises(ConfigError, match=r"data\.pipeline=fast needs the images of embedded"):
+        train(make_cfg(*FAST, "data.pipeline=fast"), [*FAST, "data.pipeline=fast"])
+
+
+def _init_without_arrays(init):
+    def wrapped(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.arrays = None  # like a folder dataset that decodes files on demand
+
+    return wrapped

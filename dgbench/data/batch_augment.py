@@ -1,0 +1,431 @@
+"""DomainBed's training augmentation as batched tensor ops: one kernel sequence per minibatch.
+
+`dgbench.data.transforms.TrainTransform` augments one PIL image at a time. This module does
+the same augmentation to a whole uint8 batch at once, on CPU or GPU:
+
+    params = sample_params(len(images), height, width, generator)   # vectorised CPU draws
+    batch = augment_batch(images, params, resolution, mean, std)    # on images.device
+
+`sample_params` draws every per-sample parameter from the reference distributions:
+RandomResizedCrop(scale=(0.7, 1), ratio=(3/4, 4/3)) with torchvision's ten-try rejection
+sampling (ten candidates per sample drawn at once, the first valid one kept) and its
+central-crop fallback, box sizes rounded half-to-even like Python's `round`, top/left uniform
+over the valid positions; flip p=0.5; ColorJitter(0.3, 0.3, 0.3, 0.3): brightness, contrast
+and saturation factors ~ U(0.7, 1.3), a hue shift ~ U(-0.3, 0.3), the four ops in a uniformly
+random order; RandomGrayscale p=0.1. The generator's stream is consumed in another order than
+the reference's sequential loop: a seed gives the same *distribution* as `TrainTransform`,
+not the same boxes.
+
+`augment_batch` is specified by torchvision's tensor kernels (`torchvision.transforms.v2.
+functional`) on float images in [0, 1]: for fixed parameters it equals, sample by sample,
+`resized_crop(antialias=False)` -> `horizontal_flip` -> the four `adjust_*` ops in the sample's
+order -> `rgb_to_grayscale(num_output_channels=3)` -> `normalize`, up to float32 rounding
+(measured max |diff| ~1e-5 after normalization; the tests assert 5e-5). As batched ops:
+
+* crop + resize: bilinear with PyTorch's `align_corners=False` source coordinates (computed as
+  its CPU kernel does: float32 scale, double products, float32 taps), per sample, with the
+  taps clamped to the box: the reference crops and *then* resizes, so an upscaled box
+  replicates its own edge pixels instead of blending in the pixels just outside it. Rows then
+  columns, as index_select/gather + lerp; the flip reverses the column taps. Max error 2e-7
+  against `resized_crop` (CPU and CUDA), 0 for a whole-image box at the target size. The
+  suggested one-op alternatives were measured and rejected: `grid_sample(align_corners=False)`
+  with per-sample affine grids, and `roi_align(aligned=True, sampling_ratio=1)` (same sample
+  points, clamped to the image rather than the box), are both off by up to 0.12 (of 1) at
+  the borders of upscaled boxes. `grid_sample` with grids clamped to the box comes within
+  3e-5 (its float32 normalized-coordinate round trip; not exact even for identity boxes) and
+  is 2-3.5x faster than this stage on one CPU thread, about a quarter of the pipeline at 224 px.
+* brightness, contrast, saturation: torchvision's `_blend`, clamp(f x + (1 - f) ref, 0, 1),
+  with ref = 0, the image's mean luma (0.2989 R + 0.587 G + 0.114 B), or the pixel's luma.
+  At each of the four positions one blend runs over the batch with per-sample f and ref;
+  samples whose op there is hue get f = 1, ref = 0, an exact identity.
+* hue: torchvision's RGB -> HSV -> shift -> RGB in closed form, channel c =
+  max - (max - min) clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + 6 h) mod 6, n = (5, 3, 1),
+  applied at each position to the samples whose op is hue there; a zero shift is skipped
+  as the identity it is. Sample indices come from a CPU copy of the parameters (no copy when
+  they come from `sample_params`), so the GPU path does not sync on them.
+
+Against the reference PIL path (`TrainTransform`), for the same parameters: PIL works in
+uint8 (each op rounds; contrast uses an integer mean; hue goes through 8-bit HSV) and it
+*antialiases* downscaled boxes (`resized_crop(antialias=True)`), where this path, like the
+tensor reference, interpolates from the 2x2 nearest pixels. Measured on smooth random
+images: geometry alone differs by 0.3/255 on average (max 1/255) when source and target
+sizes match (boxes are then only upscaled, where PIL's bilinear equals this one), and by
+1.2/255 (max 10/255) for sources twice the target size; the whole pipeline by ~1.6-1.9/255
+(max ~25/255, PIL's 8-bit hue). Sources much larger than the target alias fine texture
+here: resize them once to about the target size when PIL parity matters.
+
+A batch shares one (height, width); `sample_params` also takes (B,) height/width tensors for
+images padded into a common canvas (top-left): boxes stay inside each image's own extent, so
+padding is never read. On CPU, batches run in chunks of ~4 MiB per tensor (see `_chunk_size`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Colour-op codes in `AugmentParams.order`, as in `TrainTransform._color_jitter`.
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+CROP_SCALE = (0.7, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+JITTER = 0.3
+FLIP_P = 0.5
+GRAYSCALE_P = 0.1
+CROP_TRIES = 10
+
+# On CPU, batches are processed in chunks of about this many floats (4 MiB) per 3-channel tensor.
+_CPU_CHUNK_FLOATS = 1 << 20
+
+# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample augmentation parameters of a batch of B images (every field has leading dim B).
+
+    The crop box (`top`, `left`, `height`, `width`, int64) is in source pixels; `flip` and
+    `grayscale` are bool; `order` is a (B, 4) int64 permutation of the colour-op codes
+    (BRIGHTNESS, CONTRAST, SATURATION, HUE) applied first to last; `brightness`, `contrast`,
+    `saturation` are float32 factors and `hue` a float32 shift in [-0.5, 0.5].
+    """
+
+    top: Tensor
+    left: Tensor
+    height: Tensor
+    width: Tensor
+    flip: Tensor
+    order: Tensor
+    brightness: Tensor
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor
+    grayscale: Tensor
+
+    def __len__(self) -> int:
+        return int(self.top.shape[0])
+
+    def to(self, device: torch.device | str) -> AugmentParams:
+        return AugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, index: slice | Tensor) -> AugmentParams:
+        """The parameters of a subset of the samples (a slice, index tensor or boolean mask)."""
+        return AugmentParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    @classmethod
+    def identity(cls, batch: int, height: int, width: int) -> AugmentParams:
+        """The full image, no flip, factors 1, hue 0, no grayscale: `augment_batch` then only resizes."""
+        full = torch.zeros(batch, dtype=torch.long)
+        ones = torch.ones(batch)
+        no = torch.zeros(batch, dtype=torch.bool)
+        return cls(
+            top=full,
+            left=full.clone(),
+            height=torch.full((batch,), height, dtype=torch.long),
+            width=torch.full((batch,), width, dtype=torch.long),
+            flip=no,
+            order=torch.arange(4).repeat(batch, 1),
+            brightness=ones,
+            contrast=ones.clone(),
+            saturation=ones.clone(),
+            hue=torch.zeros(batch),
+            grayscale=no.clone(),
+        )
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> Tensor:
+    return torch.empty(shape).uniform_(low, high, generator=generator)
+
+
+def sample_params(
+    batch: int,
+    height: int | Tensor,
+    width: int | Tensor,
+    generator: torch.Generator | None,
+    *,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    jitter: float = JITTER,
+    flip_p: float = FLIP_P,
+    grayscale_p: float = GRAYSCALE_P,
+) -> AugmentParams:
+    """Draw DomainBed's augmentation parameters for `batch` images of `height` x `width` pixels.
+
+    Vectorised over the batch; all draws come from `generator` (a CPU generator; None = the
+    global RNG) and the result lives on the CPU (see `AugmentParams.to`). `height`/`width` may
+    be (B,) tensors for per-sample image sizes.
+    """
+    H = torch.as_tensor(height, dtype=torch.float64, device="cpu").expand(batch)
+    W = torch.as_tensor(width, dtype=torch.float64, device="cpu").expand(batch)
+    if batch and bool((H < 1).any() or (W < 1).any()):
+        raise ValueError("images must be at least 1x1 pixels")
+
+    # RandomResizedCrop: CROP_TRIES candidates per sample, all at once. The draws are float32
+    # like the reference's `torch.empty(1).uniform_`, the arithmetic float64 like its Python floats.
+    area = (H * W)[:, None]
+    target_area = area * _uniform((batch, CROP_TRIES), *scale, generator).double()
+    aspect = torch.exp(
+        _uniform((batch, CROP_TRIES), math.log(ratio[0]), math.log(ratio[1]), generator).double()
+    )
+    cand_w = torch.round(torch.sqrt(target_area * aspect))  # half-to-even, like Python's round
+    cand_h = torch.round(torch.sqrt(target_area / aspect))
+    valid = (cand_w > 0) & (cand_w <= W[:, None]) & (cand_h > 0) & (cand_h <= H[:, None])
+    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # index of the first valid try (0 if none)
+    found = valid.any(dim=1)
+    w = cand_w.gather(1, first).squeeze(1)
+    h = cand_h.gather(1, first).squeeze(1)
+
+    # Fallback for samples with no valid try: the largest central crop within the ratio bounds.
+    in_ratio = W / H
+    fb_w = torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W)
+    fb_h = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    w, h = torch.where(found, w, fb_w), torch.where(found, h, fb_h)
+
+    # Uniform integer positions in [0, H - h] and [0, W - w] (torch.randint's distribution).
+    u_top = torch.rand(batch, dtype=torch.float64, generator=generator)
+    u_left = torch.rand(batch, dtype=torch.float64, generator=generator)
+    top = torch.minimum(torch.floor(u_top * (H - h + 1)), H - h)
+    left = torch.minimum(torch.floor(u_left * (W - w + 1)), W - w)
+    top = torch.where(found, top, torch.div(H - h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(W - w, 2, rounding_mode="floor"))
+
+    flip = torch.rand(batch, generator=generator) < flip_p
+    # argsort of i.i.d. uniforms: each of the 24 permutations equally likely, like randperm(4).
+    order = torch.rand(batch, 4, dtype=torch.float64, generator=generator).argsort(dim=1)
+    brightness = _uniform((batch,), 1 - jitter, 1 + jitter, generator)
+    contrast = _uniform((batch,), 1 - jitter, 1 + jitter, generator)
+    saturation = _uniform((batch,), 1 - jitter, 1 + jitter, generator)
+    hue = _uniform((batch,), -jitter, jitter, generator)
+    grayscale = torch.rand(batch, generator=generator) < grayscale_p
+    return AugmentParams(
+        top=top.long(),
+        left=left.long(),
+        height=h.long(),
+        width=w.long(),
+        flip=flip,
+        order=order,
+        brightness=brightness,
+        contrast=contrast,
+        saturation=saturation,
+        hue=hue,
+        grayscale=grayscale,
+    )
+
+
+def _nchw(images: Tensor) -> Tensor:
+    """A (B, 3, H, W) view of a (B, H, W, 3) or (B, 3, H, W) uint8 or floating batch."""
+    if images.ndim != 4:
+        raise ValueError(f"expected a (B, H, W, 3) or (B, 3, H, W) batch, got shape {tuple(images.shape)}")
+    last, first = images.shape[-1] == 3, images.shape[1] == 3
+    if last and first:
+        raise ValueError(f"ambiguous layout for shape {tuple(images.shape)}: both dim 1 and dim 3 are 3")
+    if not (last or first):
+        raise ValueError(f"expected 3 channels in dim 1 or dim 3, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"expected uint8 or floating images, got {images.dtype}")
+    return images.permute(0, 3, 1, 2) if last else images
+
+
+def _scalar(value: float, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.tensor(value, dtype=dtype, device=like.device)
+
+
+def _to_float(images: Tensor) -> Tensor:
+    """(B, 3, H, W) uint8 -> contiguous float32 in [0, 1]; floating images are taken as [0, 1] already."""
+    x = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    # True division, as ToTensor does (CUDA turns division by a Python scalar into multiplication
+    # by its reciprocal; a tensor divisor keeps it exact on every device).
+    return x.div_(_scalar(255.0, x)) if images.dtype == torch.uint8 else x
+
+
+def _chunk_size(batch: int, floats_per_sample: int, device: torch.device) -> int:
+    """Samples per chunk: the whole batch on accelerators; on CPU, chunks of about _CPU_CHUNK_FLOATS floats.
+
+    glibc serves large allocations with fresh mmap'd pages, so on CPU every out-of-place op on
+    a whole 224 px batch pays a page fault per 4 KiB (measured: 7x slower than the same op on
+    chunks of a few MB, whose memory the allocator recycles). The ops are per-sample, so
+    chunking changes no value.
+    """
+    if device.type != "cpu":
+        return max(batch, 1)
+    return max(1, min(batch, _CPU_CHUNK_FLOATS // floats_per_sample))
+
+
+def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _source_coords(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear taps (i0, i1, weight of i1), each (B, size), for resizing [start, start + length) to `size`.
+
+    PyTorch's `interpolate(mode="bilinear", align_corners=False)` coordinates, rounded as its
+    CPU kernel rounds them (float32 scale = length / size, the product in double, the source
+    coordinate in float32): src = scale * (i + 0.5) - 0.5, clamped below at 0; the upper tap
+    is clamped to the box's last pixel. Indices are then offset by `start` into the image.
+    """
+    scale = (length.to(torch.float32) / _scalar(size, length, torch.float32)).double()[:, None]
+    dst = torch.arange(size, device=length.device, dtype=torch.float64).add_(0.5)
+    src = (scale * dst).sub_(0.5).float().clamp_(min=0)
+    i0 = src.floor()
+    lam = (src - i0).clamp_(0, 1)
+    i0 = i0.long()
+    last = (length - 1)[:, None]
+    i1 = torch.minimum(i0 + 1, last)
+    i0 = torch.minimum(i0, last)
+    return i0 + start[:, None], i1 + start[:, None], lam
+
+
+def _select_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, C, N, M) contiguous, index (B, K) -> (B, C, K, M): per-sample rows, one index_select."""
+    b, c, n, m = x.shape
+    planes = torch.arange(b * c, device=x.device).view(b, c, 1) * n
+    flat = (planes + index[:, None, :]).flatten()
+    return x.view(b * c * n, m).index_select(0, flat).view(b, c, index.shape[1], m)
+
+
+def _crop_resize_flip(x: Tensor, params: AugmentParams, resolution: int) -> Tensor:
+    """Each sample's box of x (B, C, H, W) resized to `resolution`^2 (bilinear), flipped if asked.
+
+    Separable: rows first (two index_selects of whole rows, faster than gather on CPU, and a
+    lerp), then columns (two gathers along the last dim and a lerp).
+    """
+    b, c = x.shape[:2]
+    y0, y1, ly = _source_coords(params.top, params.height, resolution)
+    x0, x1, lx = _source_coords(params.left, params.width, resolution)
+    # A horizontal flip of the output is the column taps in reverse order.
+    flip = params.flip[:, None]
+    x0, x1, lx = (torch.where(flip, t.flip(1), t) for t in (x0, x1, lx))
+    rows = _select_rows(x, y0).lerp_(_select_rows(x, y1), ly[:, None, :, None])  # (B, C, R, W)
+    shape = (b, c, resolution, resolution)
+    left = rows.gather(3, x0[:, None, None, :].expand(shape))
+    return left.lerp_(rows.gather(3, x1[:, None, None, :].expand(shape)), lx[:, None, None, :])
+
+
+def _luma(x: Tensor) -> Tensor:
+    """(B, 1, H, W) luminance, in torchvision's rgb_to_grayscale order of operations."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+
+
+def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """torchvision's adjust_hue (RGB -> HSV, hue += shift mod 1, HSV -> RGB) of (N, 3, H, W) in [0, 1].
+
+    Closed form: with h6 the hue in sixths of a turn, channel c is
+    max - (max - min) * clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + h6) mod 6, n = (5, 3, 1)
+    for (R, G, B); this is torchvision's sector table of v, p, q, t with v * s = max - min.
+    """
+    maxc = x.amax(dim=1, keepdim=True)
+    delta = maxc - x.amin(dim=1, keepdim=True)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    # Hue (times 6 * delta) from the first channel holding the maximum, as torchvision's masks:
+    # G - B for R, B - R + 2 delta for G, R - G + 4 delta for B (a tie gives the same hue either way).
+    h6 = torch.where(
+        maxc == r, g - b, torch.where(maxc == g, (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4))
+    )
+    # Where delta = 0 the numerator is 0 too (hue 0, as torchvision); any positive divisor works.
+    h6.div_(delta.clamp(min=1e-30)).add_(shift.view(-1, 1, 1, 1) * 6)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = h6 + n
+    # k mod 6 as k - 6 floor(k / 6): the ramp below is continuous and 6-periodic, so a
+    # rounding step at a multiple of 6 changes nothing (remainder() is ~10x slower on CPU).
+    k.sub_(torch.floor(k * (1 / 6)).mul_(6))
+    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return ramp.mul_(delta).neg_().add_(maxc).clamp_(0, 1)
+
+
+def _color_jitter(x: Tensor, params: AugmentParams, order_cpu: Tensor, hue_cpu: Tensor) -> Tensor:
+    """The four colour ops in each sample's order, one batched step per position (modifies `x`)."""
+    ones = torch.ones_like(params.hue)
+    factors = torch.stack([params.brightness, params.contrast, params.saturation, ones], 1)
+    for pos in range(4):
+        op = params.order[:, pos : pos + 1]
+        f = factors.gather(1, op).view(-1, 1, 1, 1)
+        # torchvision's _blend(x, ref, f) = clamp(f * x + (1 - f) * ref, 0, 1) with ref = 0
+        # (brightness), the mean luma (contrast) or the luma (saturation). Samples whose op
+        # here is hue get f = 1, ref = 0: an exact identity.
+        host_op = order_cpu[:, pos]
+        if bool(((host_op == CONTRAST) | (host_op == SATURATION)).any()):
+            op = op.view(-1, 1, 1, 1)
+            gray = _luma(x)
+            mean = gray.mean(dim=(1, 2, 3), keepdim=True)
+            # gray * [saturation] + mean * [contrast]: exact selection, in place.
+            ref = gray.mul_(op == SATURATION).add_(mean * (op == CONTRAST))
+            x.lerp_(ref, 1 - f)
+        else:
+            x.mul_(f)
+        x.clamp_(0, 1)
+        # Hue for the samples that take it here (a zero shift is skipped: it is the identity, and
+        # the HSV round trip would only add rounding); indices come from host copies, no sync.
+        idx = torch.nonzero((host_op == HUE) & (hue_cpu != 0)).flatten()
+        if idx.numel() == len(x):
+            x = _shift_hue(x, params.hue)
+        elif idx.numel():
+            idx = idx.to(x.device)
+            x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), params.hue.index_select(0, idx)))
+    return x
+
+
+def _augment_chunk(images: Tensor, params: AugmentParams, host: AugmentParams, resolution: int) -> Tensor:
+    """`augment_batch` up to normalization; `host` is a CPU copy of `params`, for indices without syncs."""
+    x = _crop_resize_flip(_to_float(images), params, resolution)
+    x = _color_jitter(x, params, host.order, host.hue)
+    idx = torch.nonzero(host.grayscale).flatten()
+    if idx.numel():
+        idx = idx.to(x.device)
+        x.index_copy_(0, idx, _luma(x.index_select(0, idx)).expand(-1, 3, -1, -1))
+    return x
+
+
+def augment_batch(
+    images: Tensor,
+    params: AugmentParams,
+    resolution: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Tensor:
+    """Augment a uint8 (B, H, W, 3) or (B, 3, H, W) batch: float32 (B, 3, resolution, resolution), normalized.
+
+    Crop + bilinear resize of each sample's box, horizontal flip, the four colour ops in each
+    sample's order (clamped to [0, 1] after each), grayscale, then (x - mean) / std. Runs on
+    `images.device`; `params` are moved there. Floating inputs are taken as [0, 1] images.
+    """
+    src = _nchw(images)
+    batch, _, height, width = src.shape
+    if len(params) != batch:
+        raise ValueError(f"{len(params)} parameter sets for a batch of {batch} images")
+    p = params.to(src.device)
+    host = params.to("cpu")
+    step = _chunk_size(batch, 3 * max(height * width, resolution * resolution), src.device)
+    if step >= batch:
+        return _normalize(_augment_chunk(src, p, host, resolution), mean, std)
+    out = torch.empty(batch, 3, resolution, resolution, device=src.device)
+    for s in range(0, batch, step):
+        chunk = slice(s, s + step)
+        out[chunk] = _augment_chunk(src[chunk], p[chunk], host[chunk], resolution)
+    return _normalize(out, mean, std)
+
+
+def eval_batch(images: Tensor, resolution: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """`EvalTransform` for a batch: resize to resolution x resolution, then normalize.
+
+    Bilinear with antialiasing (PyTorch's, which follows PIL's filter); a no-op at the target
+    size, where the output equals `EvalTransform`'s bit for bit.
+    """
+    src = _nchw(images)
+    batch, _, height, width = src.shape
+    out = torch.empty(batch, 3, resolution, resolution, device=src.device)
+    step = _chunk_size(batch, 3 * max(height * width, resolution * resolution), src.device)
+    for s in range(0, batch, step):
+        x = _to_float(src[s : s + step])
+        if (height, width) != (resolution, resolution):
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True).clamp_(0, 1)
+        out[s : s + step] = x
+    return _normalize(out, mean, std)

@@ -1,0 +1,129 @@
+"""The data a run consumes: training batch streams and evaluation batches, per pipeline.
+
+`reference`: PIL decoding and torchvision transforms per sample in DataLoader workers
+(DomainBed's path). `fast`: in-memory uint8 images, augmented per batch as tensor ops on
+the training device (`dgbench.data.fast`). Both draw the same sample indices at every step
+and yield `(images, labels, n_skipped)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dgbench.data import fast
+from dgbench.data.base import MultiDomainDataset
+from dgbench.data.loaders import SplitView, eval_loader, train_loader
+from dgbench.data.transforms import eval_transform, train_transform
+from dgbench.hparams import seed_hash
+
+Batch = tuple[Tensor, Tensor, int]
+
+
+@dataclass
+class Streams:
+    train: list[Iterator[Batch]]  # one infinite stream per training domain
+    eval: dict[tuple[str, str], Callable[[], Iterable[Batch]]]  # (domain, "in"|"out") -> batches
+
+
+@dataclass
+class PipelineSpec:
+    """What both pipelines need to know."""
+
+    pipeline: str  # reference | fast
+    resolution: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    augment: bool
+    augment_train_out: bool  # the `domainbed` protocol: training domains' out split augmented
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    start_step: int
+    num_workers: int
+    skip_corrupt: bool
+    device: torch.device
+
+
+def build_streams(
+    dataset: MultiDomainDataset,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    train_envs: Sequence[int],
+    spec: PipelineSpec,
+) -> Streams:
+    """Training streams (from `spec.start_step`) and evaluation sources for every split."""
+    build = _fast if spec.pipeline == "fast" else _reference
+    return build(dataset, splits, train_envs, spec)
+
+
+def _reference(
+    dataset: MultiDomainDataset,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    train_envs: Sequence[int],
+    spec: PipelineSpec,
+) -> Streams:
+    train_tf = train_transform(spec.resolution, spec.mean, spec.std, spec.augment)
+    eval_tf = eval_transform(spec.resolution, spec.mean, spec.std)
+    pin = spec.device.type == "cuda"
+    train = [
+        iter(
+            train_loader(
+                SplitView(dataset[i], splits[i][1], train_tf, skip_corrupt=spec.skip_corrupt),
+                spec.batch_size,
+                seed_hash(spec.seed, i),
+                spec.start_step,
+                spec.num_workers,
+                pin,
+            )
+        )
+        for i in train_envs
+    ]
+    sources = {}
+    for i, domain in enumerate(dataset.domains):
+        for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
+            # DomainBed's quirk: the transform is attached before splitting, so a training domain's
+            # `out` split is evaluated augmented. Only the `domainbed` protocol reproduces it.
+            quirk = spec.augment_train_out and split == "out" and i in train_envs
+            view = SplitView(
+                dataset[i],
+                indices,
+                train_tf if quirk else eval_tf,
+                seed=seed_hash(spec.seed, "eval", i) if quirk else None,
+                skip_corrupt=spec.skip_corrupt,
+            )
+            sources[domain, split] = partial(eval_loader, view, spec.eval_batch_size, spec.num_workers, pin)
+    return Streams(train, sources)
+
+
+def _fast(
+    dataset: MultiDomainDataset,
+    splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    train_envs: Sequence[int],
+    spec: PipelineSpec,
+) -> Streams:
+    fast.require_arrays(dataset.domain_data, dataset.name)
+    norm = (spec.resolution, spec.mean, spec.std)
+    train = [
+        fast.train_batches(
+            fast.FastSplit(dataset[i], splits[i][1], spec.device),
+            spec.batch_size,
+            seed_hash(spec.seed, i),
+            spec.start_step,
+            *norm,
+            spec.augment,
+        )
+        for i in train_envs
+    ]
+    sources = {}
+    for i, domain in enumerate(dataset.domains):
+        for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
+            quirk = spec.augment_train_out and split == "out" and i in train_envs
+            data = fast.FastSplit(dataset[i], indices, spec.device)
+            seed = seed_hash(spec.seed, "eval", i) if quirk else None
+            sources[domain, split] = partial(fast.eval_batches, data, spec.eval_batch_size, *norm, seed)
+    return Streams(train, sources)
