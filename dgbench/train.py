@@ -143,6 +143,7 @@ def _train(
     resolved.trainer.steps, resolved.trainer.checkpoint_freq = steps, freq
     if cfg.trainer.steps is None or cfg.trainer.checkpoint_freq is None:
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(resolved, resolve=True))
+    algorithm.total_steps = steps  # for schedules that depend on the run length (UDIM's warm-up)
     results = run_dir / RESULTS_FILE
     checkpoint = run_dir / CHECKPOINT_FILE
     start = 0

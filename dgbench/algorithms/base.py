@@ -49,6 +49,7 @@ class Algorithm(nn.Module):
         self.num_domains = num_domains
         self.featurizer = backbone
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(backbone.n_outputs, num_classes))
+        self.total_steps: int | None = None  # set by the trainer before the first update
 
     def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
         """One training step on one minibatch per training domain; returns metrics (with "loss")."""
