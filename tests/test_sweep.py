@@ -80,8 +80,8 @@ def test_plan_matches_the_runs_train_creates_and_dry_run_counts_them(tmp_path: P
 
     sweep = load_sweep(
         "quickstart",
-        ["hparams_seeds=2", "trial_seeds=1", "test_envs=[[0], [1, 2]]", f"output_dir={tmp_path}",
-         f"dataset.root={data_root}", *TINY],
+        ["algorithms=[erm]", "hparams_seeds=2", "trial_seeds=1", "test_envs=[[0], [1, 2]]",
+         f"output_dir={tmp_path}", f"dataset.root={data_root}", *TINY],
     )  # fmt: skip
     runs = plan(sweep)
     assert len(runs) == 4 and len({r.run_dir for r in runs}) == 4

@@ -1,6 +1,11 @@
 """Algorithms, one file each. Importing this registers the built-in algorithms."""
 
-from dgbench.algorithms import erm  # noqa: F401  (registration side effect)
+from dgbench.algorithms import (
+    erm,  # noqa: F401  (registration side effect)
+    fish,  # noqa: F401  (registration side effect)
+    sam,  # noqa: F401  (registration side effect)
+    udim,  # noqa: F401  (registration side effect)
+)
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
 
 __all__ = ["Algorithm", "AlgorithmHParams", "DomainBatch"]

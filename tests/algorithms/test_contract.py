@@ -1,0 +1,162 @@
+"""The contract every registered algorithm meets, checked for each name in `ALGORITHMS.names()`.
+
+A tiny setup runs each algorithm: small_cnn at width 0.25, 16-px random images, 4 images per
+domain and 3 training domains, default hparams. For every algorithm:
+
+- `update` returns a dict of real numbers with a finite "loss", for 3 consecutive steps;
+- every trainable parameter (`requires_grad=True`) has a non-zero gradient after the updates
+  or has changed, except those the algorithm declares untouched (see below);
+- `predict` in eval mode returns finite (B, num_classes) logits, is deterministic and leaves the
+  state_dict as it was (evaluation between checkpoints must not perturb training);
+- `optimizers()` is non-empty and optimizes only the algorithm's own parameters;
+- a checkpoint (`dgbench.checkpoint.save_checkpoint` / `load_checkpoint`: state_dict, the
+  `optimizers()` states and the RNGs) restored into a freshly built instance continues
+  bit-identically: same metrics, same state_dict, same optimizer states.
+
+Hook for intentionally untouched parameters: an algorithm class may set
+
+    frozen_parameter_names: tuple[str, ...] = ("featurizer.model.stem.*",)
+
+`fnmatch` patterns over `named_parameters()` names of trainable parameters that `update` leaves
+alone on purpose (a class attribute, or a property when it depends on the config). Parameters
+with `requires_grad=False` need no declaration. A pattern that matches no parameter fails the
+test, so the declaration cannot go stale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from numbers import Real
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from dgbench.algorithms.base import Algorithm
+from dgbench.backbones import build_backbone
+from dgbench.checkpoint import load_checkpoint, save_checkpoint
+from dgbench.components import load_components
+from dgbench.registry import ALGORITHMS
+
+load_components()
+NAMES = ALGORITHMS.names()
+
+NUM_CLASSES, NUM_DOMAINS, BATCH, RESOLUTION, STEPS = 6, 3, 4, 16, 3
+BACKBONE = {"arch": "small_cnn", "width": 0.25}
+
+
+def build(name: str, seed: int = 0) -> Algorithm:
+    torch.manual_seed(seed)
+    entry = ALGORITHMS.get(name)
+    has_name = "name" in {f.name for f in dataclasses.fields(entry.config)}
+    cfg = entry.config(name=name) if has_name else entry.config()
+    algorithm = entry.obj(build_backbone(BACKBONE), NUM_CLASSES, NUM_DOMAINS, cfg)
+    algorithm.train()
+    return algorithm
+
+
+def make_steps(steps: int, seed: int = 0) -> list[list[tuple[Tensor, Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        [
+            (
+                torch.randn(BATCH, 3, RESOLUTION, RESOLUTION, generator=g),
+                torch.randint(0, NUM_CLASSES, (BATCH,), generator=g),
+            )
+            for _ in range(NUM_DOMAINS)
+        ]
+        for _ in range(steps)
+    ]
+
+
+def check_metrics(metrics: Any) -> dict[str, float]:
+    assert isinstance(metrics, dict) and "loss" in metrics, metrics
+    for key, value in metrics.items():
+        assert isinstance(key, str) and isinstance(value, Real) and not isinstance(value, bool), (key, value)
+    assert math.isfinite(metrics["loss"]), metrics
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def snapshot(algorithm: Algorithm) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in algorithm.state_dict().items()}
+
+
+def assert_same_tree(a: Any, b: Any, where: str) -> None:
+    """Exact equality of nested state (tensors bit-identical, everything else ==)."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_tree(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_updates_are_finite_and_train_every_parameter(name):
+    algorithm = build(name)
+    before = {n: p.detach().clone() for n, p in algorithm.named_parameters()}
+    for batches in make_steps(STEPS):
+        check_metrics(algorithm.update(batches))
+
+    patterns = tuple(getattr(algorithm, "frozen_parameter_names", ()))
+    trainable = [n for n, p in algorithm.named_parameters() if p.requires_grad]
+    for pattern in patterns:
+        assert any(fnmatch.fnmatchcase(n, pattern) for n in trainable), f"stale pattern {pattern!r}"
+    untouched = []
+    for n, p in algorithm.named_parameters():
+        if not p.requires_grad or any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+            continue
+        has_grad = p.grad is not None and bool(p.grad.detach().abs().sum() > 0)
+        if not has_grad and torch.equal(p.detach(), before[n]):
+            untouched.append(n)
+    assert not untouched, f"{name}: trainable parameters neither changed nor got a gradient: {untouched}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_predict_is_pure_and_shaped(name):
+    algorithm = build(name)
+    algorithm.update(make_steps(1)[0])
+    algorithm.eval()
+    x = torch.randn(5, 3, RESOLUTION, RESOLUTION, generator=torch.Generator().manual_seed(7))
+    state = snapshot(algorithm)
+    with torch.no_grad():
+        logits = algorithm.predict(x)
+        again = algorithm.predict(x)
+    assert logits.shape == (5, NUM_CLASSES) and torch.isfinite(logits).all()
+    assert torch.equal(logits, again)
+    assert_same_tree(snapshot(algorithm), state, f"{name}.state_dict after predict")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_round_trip_continues_identically(name, tmp_path):
+    steps = make_steps(STEPS)
+    original = build(name)
+    optimizers = original.optimizers()
+    assert optimizers, f"{name}: optimizers() is empty, so no optimizer state would be checkpointed"
+    own = {id(p) for p in original.parameters()}
+    for key, optimizer in optimizers.items():
+        foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in own]
+        assert not foreign, f"{name}: optimizer {key!r} holds {len(foreign)} tensors outside parameters()"
+
+    check_metrics(original.update(steps[0]))
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, original, step=0)
+    expected = [check_metrics(original.update(batches)) for batches in steps[1:]]
+
+    resumed = build(name, seed=1)  # different initial weights and RNG state: all must come from the file
+    assert load_checkpoint(path, resumed, torch.device("cpu")) == 0
+    resumed.train()
+    got = [check_metrics(resumed.update(batches)) for batches in steps[1:]]
+
+    assert got == expected
+    assert_same_tree(snapshot(resumed), snapshot(original), f"{name}.state_dict")
+    assert_same_tree(resumed.optimizer_state(), original.optimizer_state(), f"{name}.optimizer_state")
