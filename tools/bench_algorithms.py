@@ -45,6 +45,7 @@ def build(name: str, backbone: dict[str, Any], domains: int, batch: int, device:
     if "batch_size" in fields:
         cfg = dataclasses.replace(cfg, batch_size=batch)
     algorithm = entry.obj(build_backbone(backbone), NUM_CLASSES, domains, cfg)
+    algorithm.total_steps = 1  # warm-up phases (UDIM's SAM warm-up: total_steps // 5) are over at once
     return algorithm.to(device).train()
 
 
