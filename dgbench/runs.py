@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from dgbench.errors import DGBenchError
 from dgbench.records import RESULTS_FILE
@@ -101,21 +102,30 @@ def _age(path: Path, now: float | None) -> float | None:
 
 
 def _last_step(run_dir: Path) -> int | None:
-    """The step of the last complete record (reads only the file's tail)."""
-    path = run_dir / RESULTS_FILE
+    """The step of the last complete record."""
+    record = last_record(run_dir)
     try:
-        with open(path, "rb") as handle:
+        return int(record["step"]) if record is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def last_record(run_dir: Path) -> dict[str, Any] | None:
+    """The last complete record of `results.jsonl`, reading only the file's tail (a torn line is skipped)."""
+    try:
+        with open(Path(run_dir) / RESULTS_FILE, "rb") as handle:
             handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 65536))
+            handle.seek(max(0, handle.tell() - 65536))
             lines = handle.read().splitlines()
     except OSError:
         return None
     for line in reversed(lines):
         try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line)
+        except ValueError:
             continue
+        if isinstance(record, dict):
+            return record
     return None
 
 

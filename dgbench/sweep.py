@@ -260,24 +260,15 @@ def _estimate(runs: list[PlannedRun], remaining: dict[tuple[str, str], int], unk
 
 def measured_step_times(sweep_dirs: set[Path]) -> dict[tuple[str, str], float]:
     """Mean `step_time` per (dataset, algorithm) over the last records of the runs in `sweep_dirs`."""
-    import json
-
-    from dgbench.records import RESULTS_FILE
-    from dgbench.runs import find_run_dirs
+    from dgbench.runs import find_run_dirs, last_record
 
     times: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run_dir in find_run_dirs([d for d in sorted(sweep_dirs) if d.is_dir()]):
+        record = last_record(run_dir)
         try:
-            lines = (run_dir / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
-        except OSError:
+            times[record["dataset"], record["algorithm"]].append(float(record["step_time"]))  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):
             continue
-        for line in reversed(lines):
-            try:
-                record = json.loads(line)
-                times[record["dataset"], record["algorithm"]].append(float(record["step_time"]))
-                break
-            except (ValueError, KeyError, TypeError):
-                continue
     return {key: sum(v) / len(v) for key, v in times.items() if v and all(map(math.isfinite, v))}
 
 
@@ -356,8 +347,11 @@ def status_report(paths: Sequence[Path], stale_after: float | None = None) -> st
 
 
 def _read_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml as plain containers; {} when it is missing or unreadable."""
+    from dgbench.data.folder import read_mapping
+    from dgbench.errors import DataError
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        return read_mapping(path, "run config")
+    except DataError:
         return {}
-    return data if isinstance(data, dict) else {}
