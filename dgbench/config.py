@@ -137,6 +137,49 @@ def override_keys(overrides: Iterable[str]) -> set[str]:
     return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
+def prepare_run_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """Complete a composed config the way every run (and `dgbench sweep --dry-run`) sees it.
+
+    In order: the algorithm's own backbone when none was chosen, the algorithm's per-dataset
+    defaults, then the hparams_seed draw. Returns what the draw sampled.
+    """
+    overrides = list(overrides)
+    apply_backbone_default(cfg, overrides)
+    apply_dataset_defaults(cfg, overrides)
+    return apply_hparams_seed(cfg, overrides)
+
+
+def apply_backbone_default(cfg: DictConfig, overrides: Iterable[str] = ()) -> bool:
+    """Give an algorithm that needs a backbone family (`BackboneNeed`) its default backbone.
+
+    Only when no `backbone` or `backbone.*` key was set on the command line: the composed
+    default (small_cnn) is a placeholder for such algorithms, an explicit choice is the user's
+    and is checked when the algorithm is built. Small images (embedded, MNIST) get the need's
+    small backbone, others the paper's. Returns whether the backbone was replaced.
+    """
+    need = getattr(ALGORITHMS.get(cfg.algorithm.name).obj, "backbone_need", None)
+    if need is None or any(k.split(".")[0] == "backbone" for k in override_keys(overrides)):
+        return False
+    image_size = cfg.data.resolution or OmegaConf.to_object(cfg.dataset).image_size()
+    values = need.default_for(int(image_size))
+    schema = BACKBONES.get(values["arch"]).config
+    cfg.backbone = OmegaConf.structured(schema(**values))
+    return True
+
+
+def apply_dataset_defaults(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The algorithm's `dataset_defaults` for this dataset, except keys set explicitly."""
+    config_cls = ALGORITHMS.get(cfg.algorithm.name).config
+    defaults = getattr(config_cls, "dataset_defaults", {}).get(cfg.dataset.name, {})
+    explicit = override_keys(overrides)
+    applied = {}
+    for key, value in defaults.items():
+        if f"algorithm.{key}" not in explicit:
+            cfg.algorithm[key] = value
+            applied[f"algorithm.{key}"] = value
+    return applied
+
+
 def apply_hparams_seed(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Replace searchable hparams by their draw for `cfg.hparams_seed` (in place).
 

@@ -29,12 +29,13 @@ from tqdm import tqdm
 from dgbench.algorithms.base import Algorithm
 from dgbench.atomic import atomic_write_json, atomic_write_text
 from dgbench.backbones import build_backbone
+from dgbench.backbones.auxiliary import auxiliary_metrics
 from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from dgbench.config import (
     Device,
     Pipeline,
     Protocol,
-    apply_hparams_seed,
+    prepare_run_config,
     require_positive,
     run_id,
     training_seed,
@@ -71,7 +72,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     done runs in milliseconds. Anything that fails once the run directory exists (building the
     dataset included) is recorded in `status.json`.
     """
-    apply_hparams_seed(cfg, overrides)
+    prepare_run_config(cfg, overrides)
     check_logger(cfg.logger)  # a missing wandb fails now, not after the dataset is built
     dataset_cfg = OmegaConf.to_object(cfg.dataset)
     domains = dataset_cfg.domain_names() if hasattr(dataset_cfg, "domain_names") else None
@@ -182,7 +183,7 @@ def _train(
         "run_id": run_dir.name,
         "dataset": cfg.dataset.name,
         "algorithm": cfg.algorithm.name,
-        "backbone": cfg.backbone.name,
+        "backbone": backbone.name,  # the built model's name: gmoe_<vit> for a GMoE backbone
         "test_envs": test_envs,
         "hparams_seed": cfg.hparams_seed,
         "trial_seed": cfg.trial_seed,
@@ -215,6 +216,7 @@ def _train(
                 skipped_images += skipped
             with autocast:
                 metrics = algorithm.update(batches)
+            metrics.update(auxiliary_metrics(algorithm))  # e.g. MoE routing: expert load, dropped tokens
             step_seconds += time.perf_counter() - tick
             if not math.isfinite(metrics["loss"]):
                 loss = metrics["loss"]

@@ -228,3 +228,63 @@ def _init_without_arrays(init):
         self.arrays = None  # like a folder dataset that decodes files on demand
 
     return wrapped
+
+
+NEED_SMALL = {"arch": "timm", "name": "test_resnet", "pretrained": False, "bn": "train"}
+NEED_PAPER = {"arch": "timm", "name": "resnet18.tv_in1k", "pretrained": True}
+
+
+def _needs_a_timm_model(monkeypatch):
+    """Make ERM declare a BackboneNeed (restored after the test) that small_cnn does not fit."""
+    from dgbench.algorithms.base import BackboneNeed
+    from dgbench.algorithms.erm import ERM
+
+    need = BackboneNeed(
+        family="a timm CNN",
+        fits=lambda featurizer: featurizer.name.startswith(("test_resnet", "resnet")),
+        paper=NEED_PAPER,
+        small=NEED_SMALL,
+        examples=("backbone=resnet18",),
+    )
+    monkeypatch.setattr(ERM, "backbone_need", need)
+
+
+def test_an_algorithm_needing_a_backbone_family_gets_its_default_unless_one_is_chosen(make_cfg, monkeypatch):
+    from dgbench.config import prepare_run_config
+
+    _needs_a_timm_model(monkeypatch)
+    cfg = make_cfg()
+    prepare_run_config(cfg, [])
+    assert (cfg.backbone.arch, cfg.backbone.name, cfg.backbone.bn) == ("timm", "test_resnet", "train")
+    cfg = make_cfg("data.resolution=224")  # large images: the paper's backbone
+    prepare_run_config(cfg, ["data.resolution=224"])
+    assert (cfg.backbone.name, cfg.backbone.pretrained) == ("resnet18.tv_in1k", True)
+    for explicit in (["backbone=small_cnn"], ["backbone.width=0.5"]):
+        cfg = make_cfg(*explicit)
+        prepare_run_config(cfg, explicit)
+        assert cfg.backbone.arch == "small_cnn"  # the user's choice stays, and is checked at build time
+
+
+def test_a_backbone_that_does_not_fit_is_refused_naming_those_that_do(make_cfg, monkeypatch):
+    _needs_a_timm_model(monkeypatch)
+    overrides = [*FAST, "backbone=small_cnn"]
+    with pytest.raises(ConfigError) as error:
+        train(make_cfg(*overrides), overrides)
+    message = str(error.value)
+    assert "algorithm=erm needs a timm CNN, but backbone 'small_cnn' is not one" in message
+    assert "backbone=resnet18" in message and "backbone=timm backbone.name=test_resnet" in message
+    result = train(make_cfg(*FAST), list(FAST))  # no backbone chosen: the small default trains
+    assert read_records(result.run_dir / "results.jsonl")[-1]["backbone"] == "test_resnet"
+
+
+def test_dataset_defaults_apply_unless_overridden(make_cfg, monkeypatch):
+    from dgbench.config import prepare_run_config
+
+    defaults = {"embedded": {"dropout": 0.5}, "pacs": {"dropout": 0.1}}
+    monkeypatch.setattr(ERMHParams, "dataset_defaults", defaults)
+    cfg = make_cfg()
+    prepare_run_config(cfg, [])
+    assert cfg.algorithm.dropout == 0.5
+    cfg = make_cfg("algorithm.dropout=0.0")
+    prepare_run_config(cfg, ["algorithm.dropout=0.0"])
+    assert cfg.algorithm.dropout == 0.0

@@ -9,21 +9,75 @@ algorithm with extra optimizers or counters only has to list them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from dgbench.errors import ConfigError
 from dgbench.hparams import Choice, IntLogUniform, LogUniform, hparam
 
 DomainBatch = tuple[Tensor, Tensor]
+SMALL_IMAGE_PX = 64  # inputs up to this size (embedded 32 px, MNIST 28 px) get `BackboneNeed.small`
+
+
+@dataclass(frozen=True)
+class BackboneNeed:
+    """The backbone family an algorithm works on, and the backbones it runs on by default.
+
+    An algorithm that changes the network (LoRA on attention, drop layers between stages) only
+    fits some backbones. When the user picks no backbone, the trainer uses `paper` (the
+    backbone of the paper) or, for small images, `small`; an explicit backbone that does not
+    fit is refused with `family` and `examples` in the message.
+    """
+
+    family: str  # what fits, in words: "a ViT with a fused qkv projection (timm VisionTransformer)"
+    fits: Callable[[nn.Module], bool]  # on the built featurizer
+    paper: Mapping[str, Any]  # backbone config (arch, name, ...) of the paper
+    small: Mapping[str, Any]  # backbone config for images of at most SMALL_IMAGE_PX
+    examples: tuple[str, ...] = field(default=())  # overrides that fit, for the error message
+
+    def default_for(self, image_size: int) -> dict[str, Any]:
+        return dict(self.small if image_size <= SMALL_IMAGE_PX else self.paper)
+
+    def check(self, featurizer: nn.Module, algorithm: str) -> None:
+        """Raise a ConfigError naming the backbones that fit when `featurizer` does not."""
+        if self.fits(featurizer):
+            return
+        name = getattr(featurizer, "name", type(featurizer).__name__)
+        examples = "; ".join([*self.examples, _override(self.paper), _override(self.small)])
+        raise ConfigError(
+            f"algorithm={algorithm} needs {self.family}, but backbone {name!r} is not one. "
+            f"Leave the backbone unset for the algorithm's default, or choose one that fits: {examples}"
+        )
+
+
+def _override(config: Mapping[str, Any], prefix: str = "backbone") -> str:
+    """`{arch: timm, kwargs: {img_size: 32}}` -> `backbone=timm ++backbone.kwargs.img_size=32`
+    (`++`: a dict's keys are added or replaced)."""
+    parts = []
+    for key, value in config.items():
+        if key == "arch":
+            parts.append(f"{prefix}={value}")
+        elif isinstance(value, Mapping):
+            parts.append(_override(value, f"++{prefix.lstrip('+')}.{key}"))
+        else:
+            parts.append(f"{prefix}.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return " ".join(parts)
 
 
 @dataclass(kw_only=True)
 class AlgorithmHParams:
-    """Hyper-parameters shared by DomainBed algorithms (defaults and search as DomainBed, 224-px)."""
+    """Hyper-parameters shared by DomainBed algorithms (defaults and search as DomainBed, 224-px).
+
+    `dataset_defaults` replaces defaults on some datasets, as DomainBed's `hparams_registry` does
+    (`{"pacs": {"num_lora": 2}}`); explicit overrides still win, and the hparams_seed search
+    draws from the same distributions.
+    """
+
+    dataset_defaults: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
 
     name: str = "?"
     lr: float = hparam(5e-5, LogUniform(-5, -3.5), "Adam learning rate")
@@ -35,6 +89,10 @@ class AlgorithmHParams:
 class Algorithm(nn.Module):
     """Base class: a featurizer, a linear head, and `update` / `predict`.
 
+    Losses add `auxiliary_loss(network)` (dgbench.backbones.auxiliary) for the forward they
+    differentiate, so backbones with a training term of their own (GMoE) work with every algorithm.
+    An algorithm that only fits some backbones says so in `backbone_need`.
+
     Args:
         backbone: featurizer module with an `n_outputs` attribute.
         num_classes: number of classes of the task.
@@ -42,8 +100,12 @@ class Algorithm(nn.Module):
         cfg: the algorithm's hparams (its registered dataclass, or a DictConfig of it).
     """
 
+    backbone_need: ClassVar[BackboneNeed | None] = None  # None: any featurizer fits
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__()
+        if self.backbone_need is not None:
+            self.backbone_need.check(backbone, getattr(cfg, "name", type(self).__name__))
         self.cfg = cfg
         self.num_classes = num_classes
         self.num_domains = num_domains

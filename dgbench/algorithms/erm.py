@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.registry import ALGORITHMS
 
 
@@ -37,6 +38,6 @@ class ERM(Algorithm):
         y = torch.cat([y for _, y in batches])
         loss = F.cross_entropy(self.predict(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + auxiliary_loss(self)).backward()
         self.optimizer.step()
         return {"loss": loss.item()}

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, hparam, seed_hash
 from dgbench.registry import ALGORITHMS
 
@@ -106,7 +107,7 @@ class Fish(Algorithm):
             x, y = batches[i]
             loss = F.cross_entropy(self.predict(x), y)
             self.inner_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + auxiliary_loss(self)).backward()
             self.inner_optimizer.step()
             losses.append(loss.detach().float())
         self._meta_step(network, theta, float(self.cfg.meta_lr))

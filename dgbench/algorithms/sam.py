@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, hparam
 from dgbench.registry import ALGORITHMS
 
@@ -242,5 +243,5 @@ class SAM(Algorithm):
     def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
-        result = self.sam_step(lambda: F.cross_entropy(self.predict(x), y))
+        result = self.sam_step(lambda: F.cross_entropy(self.predict(x), y) + auxiliary_loss(self))
         return {"loss": result.loss.item(), "loss_perturbed": result.loss_perturbed.item()}

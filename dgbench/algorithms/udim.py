@@ -101,6 +101,7 @@ from dgbench.algorithms.sam import (
     perturbed,
     sam_epsilon,
 )
+from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.errors import ConfigError
 from dgbench.hparams import Choice, hparam
 from dgbench.registry import ALGORITHMS
@@ -297,7 +298,7 @@ class UDIM(SAM):
 
         # 2. SAM gradient on clean data at θ + ε_θ.
         with perturbed(params, eps), bn_running_stats_frozen(self):
-            loss_perturbed = F.cross_entropy(self._head(x)[1], y)
+            loss_perturbed = F.cross_entropy(self._head(x)[1], y) + auxiliary_loss(self)
             sam_grads = torch.autograd.grad(loss_perturbed, params, allow_unused=True)
 
         # 3. Inconsistency between clean and crafted samples at θ, per source domain.

@@ -9,7 +9,8 @@ weights for fails instead of silently training from a random init.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 from timm.data import resolve_data_config
@@ -29,20 +30,44 @@ class TimmConfig(BackboneConfig):
     """A timm model; `name` is any `timm.list_models()` name, optionally with a `.tag`."""
 
     name: str = "resnet18"
+    # Extra keyword arguments of timm.create_model, e.g. {img_size: 32, patch_size: 4,
+    # dynamic_img_size: true} for a ViT on small images, or {drop_path_rate: 0.1}.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Keep the pretrained head as a projection: CLIP image towers then output their projected
+    # embedding (512-d for ViT-B/16) instead of the pooled 768-d token.
+    projection: bool = False
 
 
 def build_timm(cfg: TimmConfig) -> Featurizer:
-    """Create the timm model without a head and wrap it with its normalization."""
-    model = create_timm_model(cfg.name, pretrained=cfg.pretrained)
+    """Create the timm model (without a head unless `projection`) and wrap it with its normalization."""
+    model = create_timm_model(cfg.name, pretrained=cfg.pretrained, projection=cfg.projection, **cfg.kwargs)
+    return timm_featurizer(model, cfg.name, projection=cfg.projection)
+
+
+def timm_featurizer(model: nn.Module, name: str, projection: bool = False) -> Featurizer:
+    """Wrap a timm model with the normalization its pretrained config expects."""
     data_cfg = resolve_data_config({}, model=model)
-    return Featurizer(model, timm_n_outputs(model), mean=data_cfg["mean"], std=data_cfg["std"], name=cfg.name)
+    width = int(model.num_classes) if projection else timm_n_outputs(model)
+    return Featurizer(model, width, mean=data_cfg["mean"], std=data_cfg["std"], name=name)
 
 
-def create_timm_model(name: str, pretrained: bool) -> nn.Module:
-    """`timm.create_model(name, pretrained, num_classes=0)` with config-level errors."""
+def create_timm_model(name: str, pretrained: bool, projection: bool = False, **kwargs: Any) -> nn.Module:
+    """`timm.create_model(name, pretrained, num_classes=0, **kwargs)` with config-level errors.
+
+    With `projection` the model keeps its pretrained head (timm's default `num_classes`).
+    """
     check_timm_name(name, pretrained)
+    if projection:
+        pretrained_cfg = get_pretrained_cfg(name)
+        if pretrained_cfg is None or not pretrained_cfg.num_classes:
+            raise ConfigError(
+                f"backbone.projection=true: timm model {name!r} has no pretrained head to keep "
+                f"(CLIP image towers such as vit_base_patch16_clip_224.openai have one)"
+            )
+    else:
+        kwargs = {**kwargs, "num_classes": 0}
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:
         if pretrained and _is_fetch_error(exc):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -39,6 +39,14 @@ class DatasetConfig:
         """
         return None
 
+    def image_size(self) -> int:
+        """The side in pixels of the images the network sees by default (before `data.resolution`).
+
+        Known without building the dataset, so an algorithm's default backbone can be chosen
+        for the input size before the run id is computed.
+        """
+        return MultiDomainDataset.resolution
+
 
 def data_root(root: str | None) -> Path:
     """The data root: the configured one, else `$DGBENCH_DATA`, else `./data`."""

@@ -63,6 +63,9 @@ class EmbeddedConfig(DatasetConfig):
     def domain_names(self) -> list[str]:
         return list(DOMAINS)
 
+    def image_size(self) -> int:
+        return self.resolution
+
 
 # ---------------------------------------------------------------- shapes (high-res masks)
 

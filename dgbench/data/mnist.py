@@ -69,6 +69,7 @@ DIGITS = tuple(str(d) for d in range(10))
 COLOR_FLIPS = {"+90%": 0.1, "+80%": 0.2, "-90%": 0.9}  # DomainBed's order (not sorted)
 LABEL_FLIP = 0.25  # ColoredMNIST label noise: the digit shape predicts the label 75% of the time
 BINARY = ("0", "1")  # 1: digit < 5
+MNIST_SIZE = 28
 
 
 @dataclass(kw_only=True)
@@ -76,6 +77,9 @@ class MNISTConfig(DatasetConfig):
     """Keys shared by the MNIST datasets."""
 
     shuffle_seed: int = 0  # seeds the 70k permutation (and ColoredMNIST's noise); DomainBed uses the run seed
+
+    def image_size(self) -> int:
+        return MNIST_SIZE
 
 
 @dataclass(kw_only=True)
@@ -198,7 +202,7 @@ class RotatedMNIST(MultiDomainDataset):
     """Six rotations of MNIST digits, 10 classes; DomainBed trains it unaugmented at 28x28."""
 
     name = "rotated_mnist"
-    resolution = 28
+    resolution = MNIST_SIZE
     steps = 5001
     checkpoint_freq = 100
     augment = False
@@ -240,7 +244,7 @@ class ColoredMNIST(MultiDomainDataset):
     """Three environments where colour is a spurious label cue; DomainBed trains it unaugmented."""
 
     name = "colored_mnist"
-    resolution = 28
+    resolution = MNIST_SIZE
     steps = 5001
     checkpoint_freq = 100
     augment = False

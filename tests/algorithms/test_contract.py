@@ -1,11 +1,14 @@
 """The contract every registered algorithm meets, checked for each name in `ALGORITHMS.names()`.
 
-A tiny setup runs each algorithm: small_cnn at width 0.25, 16-px random images, 4 images per
-domain and 3 training domains, default hparams. For every algorithm:
+A tiny setup runs each algorithm: small_cnn at width 0.25 (or the algorithm's own small
+backbone when it declares a `BackboneNeed`), 16-px random images, 4 images per domain and 3
+training domains, default hparams. For every algorithm:
 
 - `update` returns a dict of real numbers with a finite "loss", for 3 consecutive steps;
 - every trainable parameter (`requires_grad=True`) has a non-zero gradient after the updates
   or has changed, except those the algorithm declares untouched (see below);
+- a backbone layer's auxiliary loss (`dgbench.backbones.auxiliary`, e.g. GMoE's load balancing)
+  reaches the parameters: the algorithm adds it to the loss it differentiates;
 - `predict` in eval mode returns finite (B, num_classes) logits, is deterministic and leaves the
   state_dict as it was (evaluation between checkpoints must not perturb training);
 - `optimizers()` is non-empty and optimizes only the algorithm's own parameters;
@@ -36,7 +39,8 @@ import torch
 from torch import Tensor
 
 from dgbench.algorithms.base import Algorithm
-from dgbench.backbones import build_backbone
+from dgbench.backbones import Featurizer, build_backbone
+from dgbench.backbones.auxiliary import AuxiliaryLayer
 from dgbench.checkpoint import load_checkpoint, save_checkpoint
 from dgbench.components import load_components
 from dgbench.registry import ALGORITHMS
@@ -48,14 +52,31 @@ NUM_CLASSES, NUM_DOMAINS, BATCH, RESOLUTION, STEPS = 6, 3, 4, 16, 3
 BACKBONE = {"arch": "small_cnn", "width": 0.25}
 
 
-def build(name: str, seed: int = 0) -> Algorithm:
+def backbone_for(name: str) -> Featurizer:
+    need = ALGORITHMS.get(name).obj.backbone_need
+    return build_backbone(need.small if need is not None else BACKBONE)
+
+
+def build(name: str, seed: int = 0, backbone: Featurizer | None = None) -> Algorithm:
     torch.manual_seed(seed)
     entry = ALGORITHMS.get(name)
     has_name = "name" in {f.name for f in dataclasses.fields(entry.config)}
     cfg = entry.config(name=name) if has_name else entry.config()
-    algorithm = entry.obj(build_backbone(BACKBONE), NUM_CLASSES, NUM_DOMAINS, cfg)
+    algorithm = entry.obj(backbone or backbone_for(name), NUM_CLASSES, NUM_DOMAINS, cfg)
     algorithm.train()
     return algorithm
+
+
+class AuxiliaryProbe(AuxiliaryLayer):
+    """Passes images through unchanged; its only loss is an auxiliary one, 10·(w − 1)²."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.record(10 * (self.w - 1) ** 2 if self.training else None, {"w": self.w})
+        return x
 
 
 def make_steps(steps: int, seed: int = 0) -> list[list[tuple[Tensor, Tensor]]]:
@@ -119,6 +140,21 @@ def test_updates_are_finite_and_train_every_parameter(name):
         if not has_grad and torch.equal(p.detach(), before[n]):
             untouched.append(n)
     assert not untouched, f"{name}: trainable parameters neither changed nor got a gradient: {untouched}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_updates_add_the_backbones_auxiliary_loss(name):
+    """The probe's parameter influences nothing but its auxiliary loss: it only gets a gradient
+    (or moves) if the algorithm adds `auxiliary_loss` to what it differentiates."""
+    backbone = backbone_for(name)
+    backbone.probe = AuxiliaryProbe()
+    backbone.register_forward_pre_hook(lambda module, args: (module.probe(args[0]),))
+    algorithm = build(name, backbone=backbone)
+    for batches in make_steps(STEPS):
+        algorithm.update(batches)
+    w = backbone.probe.w
+    moved = (w.grad is not None and float(w.grad) != 0.0) or float(w) != 0.0
+    assert moved, f"{name}: the backbone's auxiliary loss never reached its parameter"
 
 
 @pytest.mark.parametrize("name", NAMES)
