@@ -99,7 +99,7 @@ class Run:
     source: str  # "dgbench" | "domainbed"
     status: str = "incomplete"  # "done" | "failed" | "incomplete"
     dataset: str = ""
-    algorithm: str = ""
+    algorithm: str = ""  # table row: the algorithm, with " (backbone)" when it ran on several
     test_envs: tuple[int, ...] = ()
     hparams_seed: int = -1
     trial_seed: int = -1
@@ -108,6 +108,7 @@ class Run:
     error: str | None = None  # why it failed (status.json)
     idle_seconds: float | None = None  # since its heartbeat (or results.jsonl) last changed
     idle_source: str | None = None  # which file `idle_seconds` comes from
+    backbone: str = ""  # the record's backbone name
 
     @property
     def last_step(self) -> int | None:
@@ -152,7 +153,24 @@ def load_results(paths: Iterable[str | os.PathLike[str]], now: float | None = No
         )
     loader = _Loader(time.time() if now is None else now)
     runs = [loader.load_run(folder, names) for folder, names in dirs]
+    label_backbones(runs)
     return ResultSet(runs, loader.resolved, loader.torn, loader.problems)
+
+
+def label_backbones(runs: Sequence[Run]) -> None:
+    """Row label `erm (gmoe_test_vit)` for an algorithm run on more than one backbone.
+
+    A backbone family of its own (GMoE) is used with existing algorithms, so "ERM" alone would
+    pool ERM on a CNN with ERM on a mixture-of-experts ViT into one row. A run without a record
+    (so without a known backbone) keeps the plain name.
+    """
+    backbones: dict[str, set[str]] = {}
+    for run in runs:
+        if run.backbone:
+            backbones.setdefault(run.algorithm, set()).add(run.backbone)
+    for run in runs:
+        if run.backbone and len(backbones[run.algorithm]) > 1:
+            run.algorithm = f"{run.algorithm} ({run.backbone})"
 
 
 class _Loader:
@@ -232,6 +250,7 @@ class _Loader:
         first = records[0]
         run.dataset = str(first["dataset"])
         run.algorithm = str(first["algorithm"])
+        run.backbone = str(first.get("backbone") or "")
         run.hparams_seed = int(first["hparams_seed"])
         run.trial_seed = int(first["trial_seed"])
         run.hparams = dict(first.get("hparams") or {})
@@ -556,13 +575,18 @@ def _filter(runs: list[Run], attribute: str, wanted: Sequence[str] | None, what:
     if attribute == "dataset":
         wanted = [DOMAINBED_DATASETS.get(name, name) for name in wanted]
     keys = {name.lower() for name in wanted}
-    kept = [run for run in runs if getattr(run, attribute).lower() in keys]
+    # an algorithm name also selects its per-backbone rows: "erm" keeps "erm (gmoe_test_vit)"
+    kept = [run for run in runs if {getattr(run, attribute).lower(), _base_name(run, attribute)} & keys]
     if not kept:
         raise DGBenchError(
             f"no runs of {what} {', '.join(wanted)}; "
             f"{what} in these results: {', '.join(available) or '(none)'}"
         )
     return kept
+
+
+def _base_name(run: Run, attribute: str) -> str:
+    return getattr(run, attribute).split(" (")[0].lower()
 
 
 def _coverage(

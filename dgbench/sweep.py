@@ -4,6 +4,8 @@ A sweep file says what to cross (DomainBed's `sweep.py` grid):
 
     datasets: [pacs]                # one Hydra multirun per dataset (domain counts differ)
     algorithms: [erm, fish]         # or `all`: every registered algorithm
+    # an entry {name: [overrides]} adds overrides for that entry alone, e.g. a backbone:
+    #   algorithms: [erm, {erm: [backbone=gmoe_vit_32px]}]  (ERM and GMoE)
     test_envs: single               # single: each domain once; pairs: also every pair (LODO needs them)
     hparams_seeds: 20               # n -> seeds 0..n-1 (0 = the defaults), or an explicit list
     trial_seeds: 3                  # n -> 0..n-1, or a list
@@ -56,6 +58,18 @@ class Sweep:
     hparams_seeds: list[int]
     trial_seeds: list[int]
     overrides: list[str] = field(default_factory=list)
+    # overrides of each `algorithms` entry alone (parallel to `algorithms`; [] for a plain name)
+    algorithm_overrides: list[list[str]] = field(default_factory=list)
+
+    def groups(self) -> list[tuple[list[str], list[str]]]:
+        """(algorithms, their own overrides): entries that share overrides run in one multirun."""
+        own = self.algorithm_overrides or [[] for _ in self.algorithms]
+        grouped: dict[tuple[str, ...], list[str]] = {}
+        for name, extra in zip(self.algorithms, own, strict=True):
+            names = grouped.setdefault(tuple(extra), [])
+            if name not in names:
+                names.append(name)
+        return [(names, list(extra)) for extra, names in grouped.items()]
 
     def test_env_sets(self, domains: Sequence[str]) -> list[list[int]]:
         """DomainBed's `all_test_env_combinations` (pairs) or one domain at a time (single)."""
@@ -103,6 +117,7 @@ def _parse(name: str, spec: dict[str, Any], where: str, extra_overrides: list[st
 
         load_components()
         algorithms = ALGORITHMS.names()
+    names, own_overrides = _algorithm_entries(algorithms, where)
     test_envs = spec.get("test_envs", "single")
     if isinstance(test_envs, str) and test_envs not in TEST_ENV_MODES:
         raise ConfigError(
@@ -112,12 +127,38 @@ def _parse(name: str, spec: dict[str, Any], where: str, extra_overrides: list[st
     return Sweep(
         name=name,
         datasets=_names(spec["datasets"], "datasets", where),
-        algorithms=_names(algorithms, "algorithms", where),
+        algorithms=names,
         test_envs=test_envs,
         hparams_seeds=_seeds(spec.get("hparams_seeds", 1), "hparams_seeds", where),
         trial_seeds=_seeds(spec.get("trial_seeds", 1), "trial_seeds", where),
         overrides=[str(o) for o in spec.get("overrides") or []] + list(extra_overrides),
+        algorithm_overrides=own_overrides,
     )
+
+
+def _algorithm_entries(value: Any, where: str) -> tuple[list[str], list[list[str]]]:
+    """Names and own overrides of `algorithms` entries: `name` or `{name: [overrides]}`."""
+    entries = [value] if isinstance(value, str | dict) else value
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{where}: algorithms must be a name or a non-empty list, got {value!r}")
+    names, own = [], []
+    for entry in entries:
+        if isinstance(entry, dict) and len(entry) == 1:
+            ((name, extra),) = entry.items()
+            extra = [extra] if isinstance(extra, str) else extra
+            if isinstance(name, str) and isinstance(extra, list) and all(isinstance(o, str) for o in extra):
+                names.append(name)
+                own.append(list(extra))
+                continue
+        elif isinstance(entry, str):
+            names.append(entry)
+            own.append([])
+            continue
+        raise ConfigError(
+            f"{where}: algorithms entry {entry!r} must be a name or {{name: [overrides]}}, "
+            f"e.g. {{erm: [backbone=gmoe_vit_32px]}}"
+        )
+    return names, own
 
 
 def _names(value: Any, key: str, where: str) -> list[str]:
@@ -147,17 +188,22 @@ class PlannedRun:
     steps: int | None
 
 
-def multirun_overrides(sweep: Sweep, dataset: str, domains: Sequence[str]) -> list[str]:
-    """The `dgbench train -m` overrides of one dataset's share of the sweep (a cartesian product)."""
+def multirun_overrides(sweep: Sweep, dataset: str, domains: Sequence[str]) -> list[list[str]]:
+    """The `dgbench train -m` overrides of one dataset's share of the sweep: one cartesian product
+    per group of algorithm entries that share their own overrides."""
     env_sets = ",".join("[" + ",".join(str(i) for i in envs) + "]" for envs in sweep.test_env_sets(domains))
     return [
-        f"dataset={dataset}",
-        f"algorithm={','.join(sweep.algorithms)}",
-        f"dataset.test_envs={env_sets}",
-        f"hparams_seed={','.join(map(str, sweep.hparams_seeds))}",
-        f"trial_seed={','.join(map(str, sweep.trial_seeds))}",
-        f"name={sweep.name}",
-        *sweep.overrides,
+        [
+            f"dataset={dataset}",
+            f"algorithm={','.join(names)}",
+            f"dataset.test_envs={env_sets}",
+            f"hparams_seed={','.join(map(str, sweep.hparams_seeds))}",
+            f"trial_seed={','.join(map(str, sweep.trial_seeds))}",
+            f"name={sweep.name}",
+            *sweep.overrides,
+            *extra,
+        ]
+        for names, extra in sweep.groups()
     ]
 
 
@@ -168,12 +214,16 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
 
     from dgbench.cli import conf_dir
     from dgbench.components import load_components
-    from dgbench.config import apply_hparams_seed, run_id
+    from dgbench.config import prepare_run_config, run_id
     from dgbench.data.base import resolve_test_envs
     from dgbench.registry import DATASETS
 
     load_components()
-    fixed = [o for o in sweep.overrides if not o.startswith(("hydra/", "hydra.", "+hydra"))]
+
+    def training_only(overrides: list[str]) -> list[str]:
+        return [o for o in overrides if not o.startswith(("hydra/", "hydra.", "+hydra"))]
+
+    fixed = training_only(sweep.overrides)
     runs = []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         for dataset in sweep.datasets:
@@ -181,11 +231,12 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
             domains = entry.config(name=dataset).domain_names()
             if domains is None:
                 raise ConfigError(f"dataset {dataset} cannot list its domains without being built")
-            for algorithm in sweep.algorithms:
-                # Composing costs ~0.1 s; one per (dataset, algorithm), then only seeds and test
+            entries = [(a, extra) for names, extra in sweep.groups() for a in names]
+            for algorithm, extra in entries:
+                # Composing costs ~0.1 s; one per (dataset, algorithm entry), then only seeds and test
                 # domains change, which is exactly what train() does to a composed config.
                 base_overrides = [f"dataset={dataset}", f"algorithm={algorithm}", f"name={sweep.name}"]
-                base_overrides += fixed
+                base_overrides += fixed + training_only(extra)
                 base = compose("config", overrides=base_overrides)
                 grid = itertools.product(sweep.test_env_sets(domains), sweep.hparams_seeds, sweep.trial_seeds)
                 for envs, hparams_seed, trial_seed in grid:
@@ -197,7 +248,7 @@ def plan(sweep: Sweep) -> list[PlannedRun]:
                         f"hparams_seed={hparams_seed}",
                         f"trial_seed={trial_seed}",
                     ]
-                    apply_hparams_seed(cfg, overrides)
+                    prepare_run_config(cfg, overrides)
                     cfg.dataset.test_envs = resolve_test_envs(domains, envs, dataset)
                     run_dir = Path(cfg.output_dir) / cfg.name / run_id(cfg)
                     steps = OmegaConf.select(cfg, "trainer.steps")
@@ -225,7 +276,7 @@ def dry_run_report(sweep: Sweep, runs: list[PlannedRun]) -> str:
         remaining[run.dataset, run.algorithm] += max(0, run.steps - done_steps)
     lines = [
         f"sweep {sweep.name}: {len(runs)} runs "
-        f"({len(sweep.datasets)} dataset(s) x {len(sweep.algorithms)} algorithm(s) x test domains x "
+        f"({len(sweep.datasets)} dataset(s) x {len(sweep.algorithms)} algorithm entries x test domains x "
         f"{len(sweep.hparams_seeds)} hparams seed(s) x {len(sweep.trial_seeds)} trial seed(s))",
         "  " + ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "dead", "pending")),
     ]
@@ -281,7 +332,8 @@ def _duration(seconds: float) -> str:
 
 
 def launch(sweep: Sweep) -> int:
-    """Run the sweep: one `dgbench train -m` (a Hydra multirun) per dataset; returns the exit status."""
+    """Run the sweep: one `dgbench train -m` (a Hydra multirun) per dataset and algorithm group;
+    returns the exit status."""
     from dgbench.components import load_components
     from dgbench.registry import DATASETS
 
@@ -289,10 +341,10 @@ def launch(sweep: Sweep) -> int:
     status = 0
     for dataset in sweep.datasets:
         domains = DATASETS.get(dataset).config(name=dataset).domain_names() or []
-        overrides = multirun_overrides(sweep, dataset, domains)
-        command = [sys.executable, "-m", "dgbench.cli", "train", "-m", *overrides]
-        print(f"dgbench sweep {sweep.name}: {dataset}: {' '.join(command[3:])}", flush=True)
-        status = subprocess.call(command, env=os.environ.copy()) or status
+        for overrides in multirun_overrides(sweep, dataset, domains):
+            command = [sys.executable, "-m", "dgbench.cli", "train", "-m", *overrides]
+            print(f"dgbench sweep {sweep.name}: {dataset}: {' '.join(command[3:])}", flush=True)
+            status = subprocess.call(command, env=os.environ.copy()) or status
     return status
 
 

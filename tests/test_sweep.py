@@ -47,9 +47,26 @@ def test_command_line_sets_sweep_keys_and_passes_the_rest_to_training(tmp_path: 
     sweep = load_sweep(str(path), ["test_envs=pairs", "trial_seeds=[4, 7]", "trainer.steps=9"])
     assert (sweep.test_envs, sweep.trial_seeds, sweep.hparams_seeds) == ("pairs", [4, 7], [0, 1, 2])
     assert sweep.overrides == ["trainer.steps=9"]
-    overrides = multirun_overrides(sweep, "embedded", ["a", "b", "c"])
+    (overrides,) = multirun_overrides(sweep, "embedded", ["a", "b", "c"])
     assert "dataset.test_envs=[0],[1],[2],[0,1],[0,2],[1,2]" in overrides
     assert "hparams_seed=0,1,2" in overrides and "trial_seed=4,7" in overrides and "name=mine" in overrides
+
+
+def test_algorithm_entries_with_own_overrides_run_as_separate_multiruns(tmp_path: Path) -> None:
+    path = write_sweep(
+        tmp_path,
+        """
+        datasets: [embedded]
+        algorithms: [erm, fish, {erm: [backbone=gmoe_vit_32px]}, {pego: []}]
+        overrides: [trainer.steps=9]
+        """,
+    )
+    sweep = load_sweep(str(path))
+    assert sweep.algorithms == ["erm", "fish", "erm", "pego"]
+    assert sweep.groups() == [(["erm", "fish", "pego"], []), (["erm"], ["backbone=gmoe_vit_32px"])]
+    plain, gmoe = multirun_overrides(sweep, "embedded", ["a", "b"])
+    assert "algorithm=erm,fish,pego" in plain and not any(o.startswith("backbone") for o in plain)
+    assert "algorithm=erm" in gmoe and gmoe[-2:] == ["trainer.steps=9", "backbone=gmoe_vit_32px"]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +77,7 @@ def test_command_line_sets_sweep_keys_and_passes_the_rest_to_training(tmp_path: 
         ("datasets: [embedded]\nalgorithms: [erm]\ntest_envs: triples\n", "test_envs must be one of"),
         ("datasets: [embedded]\nalgorithms: [erm]\nhparams_seeds: 0\n", "hparams_seeds must be a positive"),
         ("datasets: [embedded\n", "not valid YAML"),
+        ("datasets: [embedded]\nalgorithms: [{erm: 3}]\n", "algorithms entry {'erm': 3} must be a name or"),
     ],
 )
 def test_bad_sweep_files_name_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:

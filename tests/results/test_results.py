@@ -385,3 +385,21 @@ def test_discovery_skips_hidden_folders_and_does_not_descend_into_runs(tmp_path,
     (tmp_path / "empty").mkdir()
     with pytest.raises(DGBenchError, match="no runs found"):
         load_results([tmp_path / "empty"])
+
+
+def test_an_algorithm_on_several_backbones_gets_one_row_per_backbone(tmp_path, kit):
+    """GMoE is ERM on another backbone: its runs must not be pooled into the CNN's ERM row."""
+    for backbone, accuracy in (("small_cnn", 0.5), ("gmoe_test_vit", 0.9)):
+        records = kit.embedded_records()
+        for r in records:
+            r["backbone"] = backbone
+            r["acc"] = {d: {"in": accuracy, "out": accuracy} for d in r["acc"]}
+        kit.write_run(tmp_path / "runs" / backbone, records)
+    results = load_results([tmp_path / "runs"])
+    assert sorted(r.algorithm for r in results.runs) == ["erm (gmoe_test_vit)", "erm (small_cnn)"]
+    agg = aggregate(results, ["oracle"], algorithms=["erm"])  # the plain name selects both rows
+    assert agg.algorithms == ["erm (gmoe_test_vit)", "erm (small_cnn)"]
+    test_env = results.runs[0].test_envs[0]
+    domain = results.domains["embedded"][test_env]
+    assert agg.cell("oracle", "embedded", "erm (gmoe_test_vit)", domain).mean == pytest.approx(90.0)
+    assert agg.cell("oracle", "embedded", "erm (small_cnn)", domain).mean == pytest.approx(50.0)
