@@ -1,8 +1,10 @@
 """Algorithms, one file each. Importing this registers the built-in algorithms."""
 
 from dgbench.algorithms import (
+    domaindrop,  # noqa: F401  (registration side effect)
     erm,  # noqa: F401  (registration side effect)
     fish,  # noqa: F401  (registration side effect)
+    pego,  # noqa: F401  (registration side effect)
     sam,  # noqa: F401  (registration side effect)
     udim,  # noqa: F401  (registration side effect)
 )
