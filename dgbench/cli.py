@@ -232,6 +232,7 @@ def _status(args: list[str]) -> int:
 
 
 def _list(args: list[str]) -> None:
+    from dgbench.algorithms.base import SMALL_IMAGE_PX
     from dgbench.hparams import describe_fields
     from dgbench.registry import ALGORITHMS, BACKBONES, DATASETS
 
@@ -245,6 +246,17 @@ def _list(args: list[str]) -> None:
         print(f"{title}:")
         for entry in registry:
             print(f"  {entry.name}  ({registry.kind}={entry.name})")
+            need = getattr(entry.obj, "backbone_need", None)
+            if need is not None:
+                print(
+                    f"      needs {need.family}; default backbone: {_describe_backbone(need.paper)}, "
+                    f"{_describe_backbone(need.small)} for images of at most {SMALL_IMAGE_PX} px"
+                )
+            per_dataset = getattr(entry.config, "dataset_defaults", {})
+            for dataset, values in per_dataset.items():
+                print(
+                    f"      on {dataset}: " + ", ".join(f"{registry.kind}.{k}={v}" for k, v in values.items())
+                )
             skip = {registry.name_field, "name"} if registry.name_field == "name" else {registry.name_field}
             for name, default, search, help_text in describe_fields(entry.config, skip=skip):
                 line = f"      {registry.kind}.{name}={default!s}"
@@ -256,6 +268,11 @@ def _list(args: list[str]) -> None:
         for preset in sorted((conf_dir() / registry.kind).glob("*.yaml")):
             where = f"conf/{registry.kind}/{preset.name}"
             print(f"  {preset.stem}  ({registry.kind}={preset.stem}, preset: {where})")
+
+
+def _describe_backbone(config: dict[str, object]) -> str:
+    pretrained = " (pretrained)" if config.get("pretrained") else ""
+    return f"{config.get('arch')}:{config.get('name')}{pretrained}"
 
 
 if __name__ == "__main__":
