@@ -74,6 +74,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     """
     prepare_run_config(cfg, overrides)
     check_logger(cfg.logger)  # a missing wandb fails now, not after the dataset is built
+    check_backbone_fits(cfg)
     dataset_cfg = OmegaConf.to_object(cfg.dataset)
     domains = dataset_cfg.domain_names() if hasattr(dataset_cfg, "domain_names") else None
     dataset: MultiDomainDataset | None = None
@@ -111,6 +112,21 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+
+
+def check_backbone_fits(cfg: DictConfig) -> None:
+    """Refuse a backbone the algorithm cannot use before anything is downloaded or built.
+
+    The check runs on a weightless copy built on the meta device (no memory, no download).
+    """
+    need = getattr(ALGORITHMS.get(cfg.algorithm.name).obj, "backbone_need", None)
+    if need is None:
+        return
+    skeleton = OmegaConf.to_container(cfg.backbone, resolve=True)
+    assert isinstance(skeleton, dict)
+    skeleton.update(pretrained=False, weights=None)
+    with torch.device("meta"):
+        need.check(build_backbone(skeleton), cfg.algorithm.name)
 
 
 def _build_dataset(cfg: DictConfig, dataset_cfg: Any) -> MultiDomainDataset:

@@ -273,6 +273,10 @@ def test_a_backbone_that_does_not_fit_is_refused_naming_those_that_do(make_cfg, 
     message = str(error.value)
     assert "algorithm=erm needs a timm CNN, but backbone 'small_cnn' is not one" in message
     assert "backbone=resnet18" in message and "backbone=timm backbone.name=test_resnet" in message
+    # refused before any download: pretrained weights of an unfitting model are never fetched
+    overrides = [*FAST, "backbone=timm", "backbone.name=convnext_atto", "backbone.pretrained=true"]
+    with pytest.raises(ConfigError, match="backbone 'convnext_atto' is not one"):
+        train(make_cfg(*overrides), overrides)
     result = train(make_cfg(*FAST), list(FAST))  # no backbone chosen: the small default trains
     assert read_records(result.run_dir / "results.jsonl")[-1]["backbone"] == "test_resnet"
 
