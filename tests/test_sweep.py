@@ -26,8 +26,17 @@ def write_sweep(tmp_path: Path, text: str) -> Path:
 
 def test_shipped_sweeps_parse_with_domainbed_grids() -> None:
     quick = load_sweep("quickstart")
-    assert quick.datasets == ["embedded"] and "erm" in quick.algorithms
-    assert (quick.hparams_seeds, quick.trial_seeds, quick.test_envs) == ([0, 1], [0, 1], "pairs")
+    assert quick.datasets == ["embedded"] and set(quick.algorithms) == {
+        "erm",
+        "fish",
+        "sam",
+        "udim",
+        "pego",
+        "domaindrop",
+    }
+    assert (quick.hparams_seeds, quick.trial_seeds, quick.test_envs) == ([0], [0, 1], "pairs")
+    gmoe = ["backbone=gmoe_vit_32px", "algorithm.lr=1e-3"]  # GMoE: ERM on the sparse-MoE ViT
+    assert gmoe in quick.algorithm_overrides
     for name in ("domainbed_pacs", "domainbed_vlcs", "domainbed_domainnet"):
         sweep = load_sweep(name)
         assert sweep.hparams_seeds == list(range(20)) and sweep.trial_seeds == [0, 1, 2]
