@@ -1,12 +1,19 @@
 """Algorithms, one file each. Importing this registers the built-in algorithms."""
 
 from dgbench.algorithms import (
+    coral,  # noqa: F401  (registration side effect)
     domaindrop,  # noqa: F401  (registration side effect)
     erm,  # noqa: F401  (registration side effect)
     fish,  # noqa: F401  (registration side effect)
+    groupdro,  # noqa: F401  (registration side effect)
+    irm,  # noqa: F401  (registration side effect)
+    mixup,  # noqa: F401  (registration side effect)
+    mldg,  # noqa: F401  (registration side effect)
+    mmd,  # noqa: F401  (registration side effect)
     pego,  # noqa: F401  (registration side effect)
     sam,  # noqa: F401  (registration side effect)
     udim,  # noqa: F401  (registration side effect)
+    vrex,  # noqa: F401  (registration side effect)
 )
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
 

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.snapshot import copy_state, network_state
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, hparam, seed_hash
 from dgbench.registry import ALGORITHMS
@@ -116,16 +117,8 @@ class Fish(Algorithm):
         return {"loss": values[-1], "inner_loss_mean": sum(values) / len(values)}
 
     def network_state(self) -> list[Tensor]:
-        """θ: the featurizer's and classifier's state_dict tensors (parameters and persistent
-        buffers), each tensor once, in state_dict order; the live tensors, not copies."""
-        tensors: list[Tensor] = []
-        seen: set[int] = set()
-        for module in (self.featurizer, self.classifier):
-            for value in module.state_dict(keep_vars=True).values():
-                if isinstance(value, Tensor) and id(value) not in seen:
-                    seen.add(id(value))
-                    tensors.append(value)
-        return tensors
+        """θ: the featurizer's and classifier's state_dict tensors (see `network_state`)."""
+        return network_state(self.featurizer, self.classifier)
 
     def domain_order(self, num_batches: int) -> list[int]:
         """Inner-loop order of this step: environment order, or a seeded permutation."""
@@ -135,16 +128,9 @@ class Fish(Algorithm):
         generator = torch.Generator().manual_seed(seed)
         return torch.randperm(num_batches, generator=generator).tolist()
 
-    @torch.no_grad()
     def _snapshot(self, network: list[Tensor]) -> list[Tensor]:
-        """Copy θ into persistent storage, reallocated only if shapes, dtypes or devices changed."""
-        fits = len(self._theta) == len(network) and all(
-            s.shape == t.shape and s.dtype == t.dtype and s.device == t.device
-            for s, t in zip(self._theta, network, strict=True)
-        )
-        if not fits:
-            self._theta = [torch.empty_like(t, memory_format=torch.preserve_format) for t in network]
-        torch._foreach_copy_(self._theta, network)
+        """Copy θ into the persistent snapshot (reallocated only when shapes or devices change)."""
+        self._theta = copy_state(self._theta, network)
         return self._theta
 
     @staticmethod
