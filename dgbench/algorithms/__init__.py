@@ -1,7 +1,9 @@
 """Algorithms, one file each. Importing this registers the built-in algorithms."""
 
 from dgbench.algorithms import (
+    andmask,  # noqa: F401  (registration side effect)
     coral,  # noqa: F401  (registration side effect)
+    dann,  # noqa: F401  (registration side effect)
     domaindrop,  # noqa: F401  (registration side effect)
     erm,  # noqa: F401  (registration side effect)
     fish,  # noqa: F401  (registration side effect)
@@ -12,6 +14,8 @@ from dgbench.algorithms import (
     mmd,  # noqa: F401  (registration side effect)
     pego,  # noqa: F401  (registration side effect)
     sam,  # noqa: F401  (registration side effect)
+    sd,  # noqa: F401  (registration side effect)
+    selfreg,  # noqa: F401  (registration side effect)
     udim,  # noqa: F401  (registration side effect)
     vrex,  # noqa: F401  (registration side effect)
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
 from dgbench.backbones.auxiliary import auxiliary_loss
@@ -36,8 +36,22 @@ class ERM(Algorithm):
     def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
-        loss = F.cross_entropy(self.predict(x), y)
+        logits = self.predict(x)
+        loss = F.cross_entropy(logits, y)
+        penalty = self.logit_penalty(logits)
+        objective = loss if penalty is None else loss + self.penalty_weight() * penalty
         self.optimizer.zero_grad(set_to_none=True)
-        (loss + auxiliary_loss(self)).backward()
+        (objective + auxiliary_loss(self)).backward()
         self.optimizer.step()
-        return {"loss": loss.item()}
+        if penalty is None:
+            return {"loss": loss.item()}
+        values = torch.stack([loss.detach(), penalty.detach().float()]).tolist()
+        return {"loss": values[0], "penalty": values[1]}
+
+    def logit_penalty(self, logits: Tensor) -> Tensor | None:
+        """A term on the pooled logits added to the CE (with `penalty_weight`); None for ERM.
+        Subclasses that only regularise the logits (SD) override this and nothing else."""
+        return None
+
+    def penalty_weight(self) -> float:
+        return 0.0
