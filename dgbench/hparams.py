@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import enum
 import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from dgbench.errors import ConfigError
+
 SEARCH_KEY = "search"
+E = TypeVar("E", bound=enum.Enum)
 
 
 def seed_hash(*args: Any) -> int:
@@ -102,6 +106,15 @@ class Choice(Distribution):
 
     def describe(self) -> str:
         return "choice{" + ", ".join(repr(o) for o in self.options) + "}"
+
+
+def enum_choice(enum_cls: type[E], value: Any, key: str, what: str = "a valid value") -> E:
+    """`enum_cls` member from a member or its value; a ConfigError naming `key` and the valid values."""
+    try:
+        return enum_cls(getattr(value, "value", value))
+    except ValueError:
+        valid = ", ".join(str(member.value) for member in enum_cls)
+        raise ConfigError(f"{key}={value!r} is not {what}; use one of: {valid}") from None
 
 
 def hparam(default: Any, search: Distribution | None = None, help: str = "") -> Any:

@@ -74,7 +74,6 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     """
     prepare_run_config(cfg, overrides)
     check_logger(cfg.logger)  # a missing wandb fails now, not after the dataset is built
-    check_backbone_fits(cfg)
     dataset_cfg = OmegaConf.to_object(cfg.dataset)
     domains = dataset_cfg.domain_names() if hasattr(dataset_cfg, "domain_names") else None
     dataset: MultiDomainDataset | None = None
@@ -87,6 +86,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> RunResult:
     if (run_dir / DONE_FILE).exists():
         log.info("run %s is already done (%s); nothing to train", run_dir.name, run_dir / DONE_FILE)
         return RunResult(run_dir, None, list(domains), test_envs, None)
+    check_backbone_fits(cfg)  # after the done check: relaunching a finished sweep stays fast
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STATUS_FILE).unlink(missing_ok=True)
     handler = _log_to_file(run_dir / "train.log")

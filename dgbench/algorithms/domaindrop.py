@@ -69,7 +69,7 @@ from dgbench.backbones.stages import (
     weighted_channel_mask,
 )
 from dgbench.errors import ConfigError
-from dgbench.hparams import Choice, LogUniform, hparam
+from dgbench.hparams import Choice, LogUniform, enum_choice, hparam
 from dgbench.registry import ALGORITHMS
 
 SGD_MOMENTUM = 0.9  # reference optimizer_helper: SGD(momentum=.9, nesterov=True)
@@ -127,7 +127,7 @@ class DomainDrop(Algorithm):
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
-        self.optimizer_kind = _optimizer_kind(cfg.optimizer)
+        self.optimizer_kind = enum_choice(OptimizerKind, cfg.optimizer, "algorithm.optimizer")
         if not 0.0 <= cfg.drop_fraction < 1.0:
             raise ConfigError(f"algorithm.drop_fraction must be in [0, 1), got {cfg.drop_fraction}")
         stages = feature_stages(backbone)
@@ -214,14 +214,6 @@ class DomainDrop(Algorithm):
                 lr *= LR_DECAY
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-
-
-def _optimizer_kind(value: Any) -> OptimizerKind:
-    try:
-        return OptimizerKind(getattr(value, "value", value))
-    except ValueError:
-        choices = ", ".join(k.value for k in OptimizerKind)
-        raise ConfigError(f"algorithm.optimizer must be one of {choices}, got {value!r}") from None
 
 
 def _drop_stages(numbers: Sequence[int] | None, count: int, backbone: nn.Module) -> list[int]:

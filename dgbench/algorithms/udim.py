@@ -103,7 +103,7 @@ from dgbench.algorithms.sam import (
 )
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.errors import ConfigError
-from dgbench.hparams import Choice, hparam
+from dgbench.hparams import Choice, enum_choice, hparam
 from dgbench.registry import ALGORITHMS
 
 
@@ -216,13 +216,7 @@ class UDIM(SAM):
             raise ConfigError(f"algorithm.perturb_size must be >= 0, got {cfg.perturb_size}")
         if not isinstance(self.classifier[-1], nn.Linear):
             raise ConfigError("UDIM needs a classifier whose last module is nn.Linear")
-        try:
-            self.perturb_norm = PerturbNorm(cfg.perturb_norm)
-        except ValueError:
-            choices = [m.value for m in PerturbNorm]
-            raise ConfigError(
-                f"algorithm.perturb_norm must be one of {choices}, got {cfg.perturb_norm!r}"
-            ) from None
+        self.perturb_norm = enum_choice(PerturbNorm, cfg.perturb_norm, "algorithm.perturb_norm")
         self.register_buffer("step_count", torch.zeros((), dtype=torch.long))
 
     def warmup_steps(self) -> int:

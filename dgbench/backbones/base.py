@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from dgbench.backbones.weights import load_weights
 from dgbench.errors import ConfigError
+from dgbench.hparams import enum_choice
 from dgbench.registry import BACKBONES
 
 log = logging.getLogger(__name__)
@@ -172,11 +173,7 @@ def coerce_config(cfg: Any, config_cls: type) -> Any:
 
 def coerce_bn_policy(value: Any) -> BNPolicy:
     """`BNPolicy` from an enum or its string value, with the valid values in the error."""
-    try:
-        return BNPolicy(getattr(value, "value", value))
-    except ValueError:
-        valid = ", ".join(p.value for p in BNPolicy)
-        raise ConfigError(f"backbone.bn={value!r} is not a BatchNorm policy; use one of: {valid}") from None
+    return enum_choice(BNPolicy, value, "backbone.bn", "a BatchNorm policy")
 
 
 def _get(cfg: Any, key: str) -> Any:
