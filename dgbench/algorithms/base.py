@@ -101,6 +101,11 @@ class Algorithm(nn.Module):
     """
 
     backbone_need: ClassVar[BackboneNeed | None] = None  # None: any featurizer fits
+    # For the README's algorithm table (`python tools/algorithm_table.py`): the paper as
+    # "Authors, Title, Venue Year" with an arXiv id when there is one, and the reference code as
+    # "owner/repo@commit path:Class". A plugin fills both in.
+    paper: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__()
