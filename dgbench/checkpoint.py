@@ -10,14 +10,16 @@ from __future__ import annotations
 import ast
 import io
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from dgbench.algorithms.base import Algorithm
 from dgbench.atomic import atomic_write_bytes
+from dgbench.errors import DGBenchError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -41,24 +43,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, algorithm: Algorithm, step: int) -> None:
-    """Write the state after `step` atomically (temp file + rename)."""
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def save_checkpoint(path: Path, algorithm: Algorithm, step: int, extras: Mapping[str, Stateful] = {}) -> None:
+    """Write the state after `step` atomically (temp file + rename).
+
+    `extras` are more objects the loop keeps across steps (weight averages), by name.
+    """
     payload = {
         "step": step,
         "model": algorithm.state_dict(),
         "optimizers": algorithm.optimizer_state(),
         "rng": rng_state(),
+        "extras": {name: extra.state_dict() for name, extra in extras.items()},
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def load_checkpoint(path: Path, algorithm: Algorithm, device: torch.device) -> int:
-    """Restore `algorithm` and the RNGs from `path`; returns the step it was saved after."""
+def load_checkpoint(
+    path: Path, algorithm: Algorithm, device: torch.device, extras: Mapping[str, Stateful] = {}
+) -> int:
+    """Restore `algorithm`, `extras` and the RNGs from `path`; returns the step it was saved after."""
     payload = torch.load(path, map_location=device, weights_only=True)
     algorithm.load_state_dict(payload["model"])
     algorithm.load_optimizer_state(payload["optimizers"])
+    saved = payload.get("extras", {})
+    for name, extra in extras.items():
+        if name not in saved:
+            raise DGBenchError(
+                f"{path} holds no {name!r} state (saved by a run with other settings); "
+                f"delete the checkpoint to restart the run"
+            )
+        extra.load_state_dict(saved[name])
     rng = payload["rng"]
     rng["torch"] = rng["torch"].cpu()
     if "cuda" in rng:

@@ -69,6 +69,13 @@ class TrainerConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
     progress: bool = True  # progress bar with step, loss and ETA
+    # Weight averaging (dgbench.averaging), each recorded as its own series "<algorithm> + <kind>":
+    swad: bool = False  # SWAD: dense average over the validation-loss valley, evaluated after training
+    swad_n_converge: int = 3  # evaluations whose loss minimum starts the window (SWAD's N_s)
+    swad_n_tolerance: int = 6  # look-ahead of evaluations that ends it (SWAD's N_e)
+    swad_tolerance_ratio: float = 0.3  # the window ends when the loss stays above (1 + r) x converged
+    ema: float | None = None  # decay d of an exponential moving average, evaluated at every checkpoint
+    sma_start: int | None = None  # uniform average of the weights from this step on (EoA / ERM++)
 
 
 @dataclass

@@ -14,6 +14,9 @@ from typing import Any
 from dgbench.atomic import atomic_write_text
 
 RESULTS_FILE = "results.jsonl"
+# Records of averaged models (dgbench.averaging), same schema, "algorithm": "<algorithm> + swad|ema|sma";
+# their "loss" is the averaged model's training-domain validation loss (there is no training loss).
+AVERAGED_FILE = "averaged.jsonl"
 RECORD_KEYS = (
     "run_id",
     "dataset",

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from dgbench.errors import DGBenchError, one_line
-from dgbench.records import RESULTS_FILE
+from dgbench.records import AVERAGED_FILE, RESULTS_FILE
 from dgbench.runs import CONFIG_FILE, DONE_FILE, HEARTBEAT_FILE, STALE_AFTER_S, STATUS_FILE, discover_runs
 from dgbench.selection import DEFAULT_SELECTIONS, Choice, get_selection, numpy_mean, select
 
@@ -152,7 +152,7 @@ def load_results(paths: Iterable[str | os.PathLike[str]], now: float | None = No
             f"(dgbench: <output_dir>/<name>/<run_id>/, DomainBed: <sweep>/<hash>/)"
         )
     loader = _Loader(time.time() if now is None else now)
-    runs = [loader.load_run(folder, names) for folder, names in dirs]
+    runs = [run for folder, names in dirs for run in loader.load_runs(folder, names)]
     label_backbones(runs)
     return ResultSet(runs, loader.resolved, loader.torn, loader.problems)
 
@@ -180,18 +180,29 @@ class _Loader:
         self.torn: list[str] = []
         self.problems: list[str] = []
 
+    def load_runs(self, folder: str, names: frozenset[str]) -> list[Run]:
+        """The run in `folder`, then one run per averaged-model series it recorded (`X + swad`)."""
+        run = self.load_run(folder, names)
+        if AVERAGED_FILE not in names or run.source != "dgbench":
+            return [run]
+        series: dict[str, list[dict[str, Any]]] = {}
+        for record in self._read(os.path.join(folder, AVERAGED_FILE)):
+            series.setdefault(str(record.get("algorithm")), []).append(record)
+        runs = [run]
+        for records in series.values():
+            averaged = Run(folder, run.source, run.status, error=run.error, idle_seconds=run.idle_seconds)
+            averaged.idle_source = run.idle_source
+            self._parse(averaged, records, os.path.join(folder, AVERAGED_FILE))
+            runs.append(averaged)
+        return runs
+
     def load_run(self, folder: str, names: frozenset[str]) -> Run:
         results_path = os.path.join(folder, RESULTS_FILE)
         records = self._read(results_path) if RESULTS_FILE in names else []
         domainbed = bool(records) and "args" in records[0]
         run = Run(folder, "domainbed" if domainbed else "dgbench")
         if records:
-            try:
-                (self._domainbed if domainbed else self._dgbench)(run, records)
-            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-                what = f"missing key {error}" if isinstance(error, KeyError) else one_line(error)
-                self.problems.append(f"{results_path}: unusable record ({what}); run skipped")
-                run.checkpoints = []
+            self._parse(run, records, results_path)
         if DONE_FILE in names:
             run.status = "done"
         elif STATUS_FILE in names and (failure := self._failure(os.path.join(folder, STATUS_FILE))):
@@ -208,6 +219,14 @@ class _Loader:
                     except OSError:
                         continue
         return run
+
+    def _parse(self, run: Run, records: list[dict[str, Any]], path: str) -> None:
+        try:
+            (self._domainbed if run.source == "domainbed" else self._dgbench)(run, records)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            what = f"missing key {error}" if isinstance(error, KeyError) else one_line(error)
+            self.problems.append(f"{path}: unusable record ({what}); run skipped")
+            run.checkpoints = []
 
     def _read(self, path: str) -> list[dict[str, Any]]:
         try:

@@ -15,7 +15,7 @@ import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from dgbench.algorithms.base import Algorithm
 from dgbench.atomic import atomic_write_json, atomic_write_text
+from dgbench.averaging import Averaging, LossValley, recompute_batchnorm, swapped_in
 from dgbench.backbones import build_backbone
 from dgbench.backbones.auxiliary import auxiliary_metrics
 from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
@@ -45,7 +47,14 @@ from dgbench.data.pipeline import PipelineSpec, build_streams
 from dgbench.data.splits import split_indices
 from dgbench.errors import DGBenchError
 from dgbench.loggers import build_sink, check_logger
-from dgbench.records import RESULTS_FILE, append_record, truncate_records, write_records
+from dgbench.records import (
+    AVERAGED_FILE,
+    RESULTS_FILE,
+    append_record,
+    read_records,
+    truncate_records,
+    write_records,
+)
 from dgbench.registry import ALGORITHMS, DATASETS
 from dgbench.runs import CONFIG_FILE, DONE_FILE, STATUS_FILE, Heartbeat
 
@@ -162,15 +171,21 @@ def _train(
         atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(resolved, resolve=True))
     algorithm.total_steps = steps  # for schedules that depend on the run length (UDIM's warm-up)
     results = run_dir / RESULTS_FILE
+    averaged = run_dir / AVERAGED_FILE
+    averaging = _averaging(cfg)
+    extras = {"averaging": averaging} if averaging.active else {}
     checkpoint = run_dir / CHECKPOINT_FILE
     start = 0
     if checkpoint.exists():
-        last = load_checkpoint(checkpoint, algorithm, device)
+        last = load_checkpoint(checkpoint, algorithm, device, extras)
         truncate_records(results, last)
+        truncate_records(averaged, last)
         start = last + 1
         log.info("resuming run %s after step %d", run_dir.name, last)
     else:
         write_records(results, [])  # a record without a checkpoint is from a run that died
+        averaged.unlink(missing_ok=True)
+    record: dict[str, Any] = (read_records(results) or [{}])[-1]  # the last one, when resuming
 
     splits = [
         split_indices(len(d), cfg.dataset.holdout_fraction, cfg.trial_seed, i) for i, d in enumerate(dataset)
@@ -213,11 +228,16 @@ def _train(
         [dataset.domains[i] for i in test_envs],
     )
     autocast = _autocast(device, cfg.trainer.amp)
+    train_names = [dataset.domains[i] for i in train_envs]
+
+    def evaluate(model: Algorithm) -> tuple[dict[str, dict[str, float]], float, int]:
+        """Accuracies, the training-domain validation loss (SWAD's criterion), skipped images."""
+        acc, losses, skipped = _evaluate(model, eval_sources, device, memory_format, autocast)
+        return acc, float(np.mean([losses[d]["out"] for d in train_names])), skipped
 
     meter: dict[str, list[float]] = defaultdict(list)
     step_seconds = 0.0
     skipped_images = 0  # unreadable images dropped since the last record (data.skip_corrupt)
-    record: dict[str, Any] = {}
     bar = tqdm(
         total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
     )
@@ -233,6 +253,7 @@ def _train(
             with autocast:
                 metrics = algorithm.update(batches)
             metrics.update(auxiliary_metrics(algorithm))  # e.g. MoE routing: expert load, dropped tokens
+            averaging.after_step(algorithm, step)
             step_seconds += time.perf_counter() - tick
             if not math.isfinite(metrics["loss"]):
                 loss = metrics["loss"]
@@ -244,7 +265,8 @@ def _train(
 
             if step % freq == 0 or step == steps - 1:
                 means = {key: float(np.mean(values)) for key, values in meter.items()}
-                acc, eval_skipped = _evaluate(algorithm, eval_sources, device, memory_format, autocast)
+                acc, val_loss, eval_skipped = evaluate(algorithm)
+                means["val_loss"] = val_loss
                 if skip:
                     means["skipped_images"] = skipped_images + eval_skipped
                 record = {
@@ -261,16 +283,36 @@ def _train(
                 # checkpoint, which the resumed run drops and recomputes identically.
                 append_record(results, record)
                 sink.log(record)
-                save_checkpoint(checkpoint, algorithm, step)
+                averaging.after_evaluation(step, val_loss)
+                for label, average in averaging.at_checkpoints().items():
+                    with swapped_in(algorithm, average):
+                        append_record(averaged, averaged_record(record, label, *evaluate(algorithm)[:2]))
+                save_checkpoint(checkpoint, algorithm, step, extras)
                 meter.clear()
                 step_seconds = 0.0
                 skipped_images = 0
+        final = averaging.at_end()
+        if final:  # SWAD: the window's average, with its BatchNorm statistics re-estimated
+            ((label, average),) = final.items()
+            algorithm.load_state_dict(average.tensors)  # training is over: the live weights can go
+            layers = recompute_batchnorm(algorithm, _pooled_inputs(iterators, device, memory_format))
+            swad = averaged_record(record, label, *evaluate(algorithm)[:2])
+            swad["metrics"].update(averaging.swad_window(), bn_layers_recomputed=layers)
+            kept = [r for r in read_records(averaged) if r["algorithm"] != label]  # a resumed run's
+            write_records(averaged, [*kept, swad])
     except BaseException as error:
         sink.finish(exit_code=130 if isinstance(error, KeyboardInterrupt) else 1)
         raise
     bar.close()
     sink.finish()
     return record
+
+
+def averaged_record(
+    record: dict[str, Any], label: str, acc: dict[str, Any], val_loss: float
+) -> dict[str, Any]:
+    """The record of an averaged model evaluated at `record`'s step (see records.AVERAGED_FILE)."""
+    return {**record, "algorithm": label, "loss": val_loss, "metrics": {"val_loss": val_loss}, "acc": acc}
 
 
 @torch.no_grad()
@@ -280,26 +322,48 @@ def _evaluate(
     device: torch.device,
     memory_format: torch.memory_format,
     autocast: AbstractContextManager[Any],
-) -> tuple[dict[str, dict[str, float]], int]:
-    """Accuracy of the `in` and `out` split of every domain, in large no-grad batches.
-
-    Also returns how many unreadable images were skipped (`data.skip_corrupt`).
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], int]:
+    """Accuracy and mean cross-entropy of the `in` and `out` split of every domain, in large no-grad
+    batches. Also returns how many unreadable images were skipped (`data.skip_corrupt`).
     """
     algorithm.eval()
     acc: dict[str, dict[str, float]] = defaultdict(dict)
+    loss: dict[str, dict[str, float]] = defaultdict(dict)
     skipped_images = 0
     for (domain, split), batches in sources.items():
         correct = total = 0
+        loss_sum = torch.zeros((), device=device)
         for x, y, skipped in batches():
             skipped_images += skipped
             x, y = _to_device((x, y), device, memory_format)
             with autocast:
-                predicted = algorithm.predict(x).argmax(dim=1)
-            correct += int((predicted == y).sum())
+                logits = algorithm.predict(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+            correct += int((logits.argmax(dim=1) == y).sum())
             total += len(y)
         acc[domain][split] = correct / total if total else float("nan")
+        loss[domain][split] = loss_sum.item() / total if total else float("nan")
     algorithm.train()
-    return dict(acc), skipped_images
+    return dict(acc), dict(loss), skipped_images
+
+
+def _averaging(cfg: DictConfig) -> Averaging:
+    trainer = cfg.trainer
+    valley = None
+    if trainer.swad:
+        valley = LossValley(trainer.swad_n_converge, trainer.swad_n_tolerance, trainer.swad_tolerance_ratio)
+    return Averaging(cfg.algorithm.name, valley, ema=trainer.ema, sma_start=trainer.sma_start)
+
+
+def _pooled_inputs(
+    iterators: Sequence[Iterator[tuple[torch.Tensor, torch.Tensor, int]]],
+    device: torch.device,
+    memory_format: torch.memory_format,
+) -> Iterator[torch.Tensor]:
+    """The training domains' next minibatches, concatenated: SWAD's BatchNorm re-estimation input."""
+    while True:
+        batches = [_to_device(next(it)[:2], device, memory_format)[0] for it in iterators]
+        yield torch.cat(batches)
 
 
 def _to_device(

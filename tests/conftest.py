@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see dgbench.cli.quiet_openmp
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -53,3 +55,28 @@ def make_cfg(tmp_path: Path, data_root: Path) -> Callable[..., DictConfig]:
             return compose("config", overrides=[*base, *overrides])
 
     return _make
+
+
+@pytest.fixture
+def killed_at_checkpoint() -> Callable[[int], AbstractContextManager[None]]:
+    """`with killed_at_checkpoint(n): train(...)`: the trainer stops right after its n-th checkpoint
+    as if killed (KeyboardInterrupt: no failure status, the checkpoint stays), and the block
+    expects that stop."""
+    import dgbench.train as train_module
+
+    @contextmanager
+    def killed(n: int) -> Iterator[None]:
+        real_save = train_module.save_checkpoint
+        calls = {"n": 0}
+
+        def save_then_die(*args: Any, **kwargs: Any) -> None:
+            real_save(*args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+
+        with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            patch.setattr(train_module, "save_checkpoint", save_then_die)
+            yield
+
+    return killed

@@ -50,27 +50,14 @@ def test_run_writes_records_for_every_domain_and_a_done_marker(make_cfg):
 
 
 @pytest.mark.parametrize("pipeline", ["reference", "fast"])
-def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, monkeypatch, pipeline):
+def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, killed_at_checkpoint, pipeline):
     overrides = [*FAST, f"data.pipeline={pipeline}"]
     reference = train(make_cfg(*overrides, "name=uninterrupted"), overrides).record
 
-    import dgbench.train as train_module
-
-    real_save = train_module.save_checkpoint
-    calls = {"n": 0}
-
-    def crash_after_second_checkpoint(*args, **kwargs):
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # like a kill: no status, checkpoint at step 3 stays
-
-    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_second_checkpoint)
     cfg = make_cfg(*overrides, "name=interrupted")
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_checkpoint(2):  # the checkpoint at step 3 stays
         train(cfg, overrides)
     run_dir = cfg.output_dir + "/interrupted"
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
     resumed = train(make_cfg(*overrides, "name=interrupted"), overrides)
     assert str(resumed.run_dir).startswith(run_dir)
     assert [r["step"] for r in read_records(resumed.run_dir / "results.jsonl")] == [0, 3, 6]
