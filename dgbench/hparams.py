@@ -77,6 +77,17 @@ class Uniform(Distribution):
 
 
 @dataclass(frozen=True)
+class IntUniform(Uniform):
+    """`int(U(low, high))` (DomainBed's Fishr warm-up: `int(r.uniform(0., 5000.))`); the same draw."""
+
+    def sample(self, rng: np.random.RandomState) -> int:
+        return int(super().sample(rng))
+
+    def describe(self) -> str:
+        return f"int({super().describe()})"
+
+
+@dataclass(frozen=True)
 class IntLogUniform(Distribution):
     """`int(base ** U(low, high))` (DomainBed batch size: `int(2**r.uniform(3, 5.5))`)."""
 
@@ -129,13 +140,14 @@ _NUMBER = r"\s*(-?[\d.eE+-]+)\s*"
 _SPECS: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(rf"int\({_NUMBER}\^U\({_NUMBER},{_NUMBER}\)\)$"), lambda b, lo, hi: IntLogUniform(lo, hi, b)),
     (re.compile(rf"{_NUMBER}\^U\({_NUMBER},{_NUMBER}\)$"), lambda b, lo, hi: LogUniform(lo, hi, b)),
+    (re.compile(rf"int\(U\({_NUMBER},{_NUMBER}\)\)$"), lambda lo, hi: IntUniform(lo, hi)),
     (re.compile(rf"U\({_NUMBER},{_NUMBER}\)$"), lambda lo, hi: Uniform(lo, hi)),
 ]
 
 
 def parse_distribution(spec: str) -> Distribution:
     """Parse what `Distribution.describe()` prints: `10^U(-5, -3.5)`, `int(2^U(3, 5.5))`,
-    `U(0, 1)`, `choice{0.0, 0.1, 0.5}`; so search spaces can be changed from configs."""
+    `U(0, 1)`, `int(U(0, 5000))`, `choice{0.0, 0.1, 0.5}`; so search spaces can be changed from configs."""
     text = spec.strip()
     if text.startswith("choice{") and text.endswith("}"):
         try:
@@ -148,7 +160,7 @@ def parse_distribution(spec: str) -> Distribution:
             return build(*(float(g) for g in match.groups()))
     raise ValueError(
         f"cannot parse search distribution {spec!r}; use one of 10^U(lo, hi), int(2^U(lo, hi)), "
-        "U(lo, hi), choice{a, b, ...}"
+        "U(lo, hi), int(U(lo, hi)), choice{a, b, ...}"
     )
 
 

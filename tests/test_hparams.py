@@ -7,6 +7,7 @@ from dgbench.algorithms.erm import ERMHParams
 from dgbench.hparams import (
     Choice,
     IntLogUniform,
+    IntUniform,
     LogUniform,
     Uniform,
     hparam,
@@ -77,6 +78,7 @@ def test_distribution_descriptions_and_search_space():
         LogUniform(-5, -3.5),
         IntLogUniform(3, 5.5),
         Uniform(0, 0.2),
+        IntUniform(0, 5000),
         Choice([0.0, 0.1, 0.5]),
         Choice(["a", "b"]),
     ],

@@ -70,6 +70,12 @@ def _gradients(loss: Tensor | float, params: list[nn.Parameter], retain_graph: b
 class ANDMask(Algorithm):
     """AND-mask with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Parascandolo, Neitz, Orvieto, Gresele, Schölkopf, Learning explanations that are hard to vary, "
+        "ICLR 2021, arXiv:2009.00329"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:ANDMask"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

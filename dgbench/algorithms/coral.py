@@ -36,4 +36,10 @@ class CORALHParams(FeatureMatchingHParams):
 class CORAL(FeatureMatchingAlgorithm):
     """Deep CORAL with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Sun, Saenko, Deep CORAL: Correlation Alignment for Deep Domain Adaptation, ECCV Workshops 2016, "
+        "arXiv:1607.01719"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:CORAL"
+
     feature_penalty = staticmethod(coral_penalty)

@@ -187,10 +187,22 @@ class AbstractDANN(Algorithm):
 class DANN(AbstractDANN):
     """Unconditional DANN (DomainBed `DANN`): discriminator on z, plain cross-entropy."""
 
+    paper = (
+        "Ganin, Ustinova, Ajakan, Germain, Larochelle, Laviolette, Marchand, Lempitsky, "
+        "Domain-Adversarial Training of Neural Networks, JMLR 2016, arXiv:1505.07818"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:DANN"
+
 
 @ALGORITHMS.register("cdann", DANNHParams)
 class CDANN(AbstractDANN):
     """Conditional DANN (DomainBed `CDANN`): discriminator on z + class embedding, class-balanced."""
+
+    paper = (
+        "Li, Tian, Gong, Liu, Liu, Zhang, Tao, Deep Domain Generalization via Conditional Invariant "
+        "Adversarial Networks, ECCV 2018"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:CDANN"
 
     conditional = True
     class_balance = True

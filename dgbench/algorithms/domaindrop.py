@@ -113,6 +113,12 @@ def symmetric_kl(a: Tensor, b: Tensor, temperature: float) -> Tensor:
 class DomainDrop(Algorithm):
     """Adversarial per-stage domain discriminators that pick which channels to drop; see module doc."""
 
+    paper = (
+        "Guo, Qi, Shi, DomainDrop: Suppressing Domain-Sensitive Channels for Domain Generalization, ICCV "
+        "2023, arXiv:2308.10285"
+    )
+    reference = "lingeringlight/DomainDrop@a2d9607 train_domain.py:Trainer"
+
     backbone_need = BackboneNeed(
         family="a CNN with stage feature maps (timm ResNet, EfficientNet, ...)",
         fits=has_feature_stages,

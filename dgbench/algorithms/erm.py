@@ -29,6 +29,12 @@ class ERMHParams(AlgorithmHParams):
 
 @ALGORITHMS.register("erm", ERMHParams)
 class ERM(Algorithm):
+    paper = (
+        "Vapnik, Statistical Learning Theory, Wiley 1998; as run in Gulrajani, Lopez-Paz, In Search of "
+        "Lost Domain Generalization, ICLR 2021, arXiv:2007.01434"
+    )
+    reference = "facebookresearch/DomainBed@b93c22a domainbed/algorithms.py:ERM"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

@@ -90,6 +90,12 @@ class FishHParams(AlgorithmHParams):
 class Fish(Algorithm):
     """Fish with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Shi, Seely, Torr, Siddharth, Hannun, Usunier, Synnaeve, Gradient Matching for Domain "
+        "Generalization, ICLR 2022, arXiv:2104.09937"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:Fish"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.inner_optimizer = self.make_optimizer()

@@ -60,6 +60,12 @@ class GroupDROHParams(AlgorithmHParams):
 class GroupDRO(Algorithm):
     """GroupDRO with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Sagawa, Koh, Hashimoto, Liang, Distributionally Robust Neural Networks for Group Shifts: On the "
+        "Importance of Regularization for Worst-Case Generalization, ICLR 2020, arXiv:1911.08731"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:GroupDRO"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

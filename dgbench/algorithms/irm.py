@@ -49,6 +49,11 @@ class IRMHParams(AlgorithmHParams):
 class IRM(PenaltyAlgorithm):
     """IRMv1 with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Arjovsky, Bottou, Gulrajani, Lopez-Paz, Invariant Risk Minimization, preprint 2019, arXiv:1907.02893"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:IRM"
+
     def penalty_lambda(self) -> float:
         return float(self.cfg.irm_lambda)
 

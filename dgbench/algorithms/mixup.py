@@ -63,6 +63,12 @@ def mixup_loss(logits: Tensor, y_i: Tensor, y_j: Tensor, lam: float) -> Tensor:
 class Mixup(Algorithm):
     """Inter-domain Mixup with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Yan, Song, Li, Zou, Ren, Improve Unsupervised Domain Adaptation with Mixup Training, preprint "
+        "2020, arXiv:2001.00677"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:Mixup"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

@@ -85,6 +85,12 @@ class MLDGHParams(AlgorithmHParams):
 class MLDG(Algorithm):
     """First-order MLDG with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Li, Yang, Song, Hospedales, Learning to Generalize: Meta-Learning for Domain Generalization, "
+        "AAAI 2018, arXiv:1710.03463"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:MLDG"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

@@ -38,4 +38,7 @@ class MMDHParams(FeatureMatchingHParams):
 class MMD(FeatureMatchingAlgorithm):
     """Gaussian-kernel MMD matching with DomainBed semantics; see the module docstring."""
 
+    paper = "Li, Pan, Wang, Kot, Domain Generalization with Adversarial Feature Learning, CVPR 2018"
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:MMD"
+
     feature_penalty = staticmethod(mmd_penalty)

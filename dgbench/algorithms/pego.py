@@ -97,6 +97,12 @@ class PEGOHParams(AlgorithmHParams):
 class PEGO(Algorithm):
     """A frozen ViT with a LoRA group on q/v, trained with CE plus the orthogonal regulariser."""
 
+    paper = (
+        "Hu, Zhang, Qi, Huang, Wang, Gao, Learn to Preserve and Diversify: Parameter-Efficient Group with "
+        "Orthogonal Regularization for Domain Generalization, ECCV 2024, arXiv:2407.15085"
+    )
+    reference = "JudgingH/PEGO@fb8700b domainbed/algorithms/algorithms.py:PEGO"
+
     backbone_need = PEGO_BACKBONES
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:

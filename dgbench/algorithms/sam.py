@@ -221,6 +221,13 @@ class SAMHParams(AlgorithmHParams):
 class SAM(Algorithm):
     """ERM's pooled cross-entropy minimised with SAM (or ASAM) around an Adam base step."""
 
+    paper = (
+        "Foret, Kleiner, Mobahi, Neyshabur, Sharpness-Aware Minimization for Efficiently Improving "
+        "Generalization, ICLR 2021, arXiv:2010.01412; adaptive option (ASAM): Kwon, Kim, Park, Choi, ICML "
+        "2021, arXiv:2102.11600"
+    )
+    reference = "khanrc/swad@252190e domainbed/algorithms/algorithms.py:SAM"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

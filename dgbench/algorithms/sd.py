@@ -41,6 +41,12 @@ def sd_penalty(logits: Tensor) -> Tensor:
 class SD(ERM):
     """Spectral Decoupling with DomainBed semantics: ERM's step plus sd_reg·mean(logits²)."""
 
+    paper = (
+        "Pezeshki, Kaba, Bengio, Courville, Precup, Lajoie, Gradient Starvation: A Learning Proclivity in "
+        "Neural Networks, NeurIPS 2021, arXiv:2011.09468"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:SD"
+
     def logit_penalty(self, logits: Tensor) -> Tensor:
         return sd_penalty(logits)
 

@@ -119,6 +119,12 @@ def selfreg_regulariser(
 class SelfReg(Algorithm):
     """SelfReg with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Kim, Yoo, Park, Kim, Lee, Kim, SelfReg: Self-supervised Contrastive Regularization for Domain "
+        "Generalization, ICCV 2021, arXiv:2104.09841"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:SelfReg"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.cdpl = projection_head(backbone.n_outputs)

@@ -208,6 +208,12 @@ class UDIMHParams(SAMHParams):
 class UDIM(SAM):
     """SAM warm-up, then SAM on clean data plus λ·(domain-wise) inconsistency to a crafted domain."""
 
+    paper = (
+        "Shin, Kim, Kim, Moon, Unknown Domain Inconsistency Minimization for Domain Generalization, ICLR "
+        "2024, arXiv:2403.07329"
+    )
+    reference = "aailabkaist/UDIM@eb1fb65 UDIM_main/domainbed/algorithms/algorithms.py:IADA_DG_FINAL"
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         if int(cfg.warmup_ratio) < 1:

@@ -51,6 +51,12 @@ class VRExHParams(AlgorithmHParams):
 class VREx(PenaltyAlgorithm):
     """V-REx with DomainBed semantics; see the module docstring."""
 
+    paper = (
+        "Krueger, Caballero, Jacobsen, Zhang, Binas, Zhang, Le Priol, Courville, Out-of-Distribution "
+        "Generalization via Risk Extrapolation (REx), ICML 2021, arXiv:2003.00688"
+    )
+    reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:VREx"
+
     def penalty_lambda(self) -> float:
         return float(self.cfg.vrex_lambda)
 

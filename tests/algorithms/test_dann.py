@@ -45,6 +45,7 @@ def changed(before, module):
     return any(not torch.equal(before[n], p.detach()) for n, p in module.named_parameters())
 
 
+@pytest.mark.algorithm("dann", "cdann")
 @pytest.mark.parametrize("cls", [DANN, CDANN])
 def test_generator_gradient_is_classifier_minus_lambda_disc_gradient(cls):
     lam = 0.7
@@ -70,6 +71,7 @@ def test_generator_gradient_is_classifier_minus_lambda_disc_gradient(cls):
     assert any(gd is not None and gd.abs().sum() > 0 for gd in g_disc)  # the domain term is present
 
 
+@pytest.mark.algorithm("dann")
 @pytest.mark.parametrize("d_steps", [1, 3])
 def test_alternation_is_exact(d_steps):
     algorithm = make(d_steps_per_g_step=d_steps, lr_g=1e-2, lr_d=1e-2)
@@ -83,12 +85,14 @@ def test_alternation_is_exact(d_steps):
         assert changed(gen_before, algorithm.featurizer) == (not expect_disc), count
 
 
+@pytest.mark.algorithm("dann")
 def test_update_count_is_a_buffer():
     algorithm = make()
     assert "update_count" in dict(algorithm.named_buffers())
     assert set(algorithm.optimizers()) == {"disc_opt", "gen_opt"}
 
 
+@pytest.mark.algorithm("dann", "cdann")
 @pytest.mark.parametrize("cls", [DANN, CDANN])
 def test_discriminator_input_includes_class_embedding_for_cdann(cls):
     algorithm = make(cls)
@@ -108,6 +112,7 @@ def test_discriminator_input_includes_class_embedding_for_cdann(cls):
         assert changed(before, algorithm.class_embeddings)
 
 
+@pytest.mark.algorithm("cdann")
 def test_cdann_disc_loss_is_class_balanced():
     algorithm = make(CDANN)
     x, y, d = pooled(batches())
@@ -135,6 +140,7 @@ def hand_input_gradient(mlp, inp, domains):
     return g
 
 
+@pytest.mark.algorithm("dann")
 def test_gradient_penalty_zero_when_off_and_matches_hand_computation():
     x, y, d = pooled(batches())
     off = make(grad_penalty=0.0)

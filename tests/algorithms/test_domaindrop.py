@@ -26,6 +26,8 @@ from dgbench.errors import ConfigError
 from dgbench.hparams import search_space
 from dgbench.registry import ALGORITHMS
 
+pytestmark = pytest.mark.algorithm("domaindrop")
+
 CLASSES, DOMAINS, PX = 3, 2, 8
 
 

@@ -70,6 +70,7 @@ def adam_first_step(
 # ---------------------------------------------------------------- registration and search spaces
 
 
+@pytest.mark.algorithm("groupdro", "mixup", "mldg")
 def test_registered_with_domainbed_hparams():
     for name, cls, cfg_cls in [
         ("groupdro", GroupDRO, GroupDROHParams),
@@ -93,6 +94,7 @@ def test_registered_with_domainbed_hparams():
 # ---------------------------------------------------------------- pairing
 
 
+@pytest.mark.algorithm("mixup", "mldg")
 def test_random_pairs_are_a_cyclic_pairing_of_a_seeded_permutation():
     sizes = (3, 5, 4, 6)
     batches = [(torch.full((n, 1), float(d)), torch.full((n,), d)) for d, n in enumerate(sizes)]
@@ -117,6 +119,7 @@ def test_random_pairs_are_a_cyclic_pairing_of_a_seeded_permutation():
     assert first == again == expected
 
 
+@pytest.mark.algorithm("mldg")
 def test_split_meta_train_test():
     batches = [(torch.full((2, 1), float(d)), torch.full((2,), d)) for d in range(4)]
     perm = torch.randperm(4, generator=torch.Generator().manual_seed(5)).tolist()
@@ -130,6 +133,7 @@ def test_split_meta_train_test():
 # ---------------------------------------------------------------- GroupDRO
 
 
+@pytest.mark.algorithm("groupdro")
 def test_groupdro_q_stays_on_the_simplex_and_moves_toward_the_worst_domain():
     eta = 0.5
     algorithm = make(GroupDRO, GroupDROHParams, groupdro_eta=eta)
@@ -152,6 +156,7 @@ def test_groupdro_q_stays_on_the_simplex_and_moves_toward_the_worst_domain():
         assert float(algorithm.q.sum()) == pytest.approx(1.0, abs=1e-6) and bool((algorithm.q >= 0).all())
 
 
+@pytest.mark.algorithm("groupdro")
 def test_groupdro_eta_zero_keeps_q_uniform_and_equals_erm():
     groupdro = make(GroupDRO, GroupDROHParams, groupdro_eta=0.0, weight_decay=1e-3)
     erm = make(ERM, ERMHParams, weight_decay=1e-3)
@@ -166,6 +171,7 @@ def test_groupdro_eta_zero_keeps_q_uniform_and_equals_erm():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.algorithm("groupdro")
 def test_groupdro_q_resumes_from_the_state_dict():
     algorithm = make(GroupDRO, GroupDROHParams, groupdro_eta=0.5)
     algorithm.update(make_batches(shift=(0.0, 0.0, 6.0)))
@@ -177,6 +183,7 @@ def test_groupdro_q_resumes_from_the_state_dict():
 # ---------------------------------------------------------------- Mixup
 
 
+@pytest.mark.algorithm("mixup")
 def test_mixup_loss_by_hand():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, CLASSES, generator=g)
@@ -190,6 +197,7 @@ def test_mixup_loss_by_hand():
     assert torch.equal(mix(torch.ones(2), torch.zeros(2), 0.25), torch.full((2,), 0.25))
 
 
+@pytest.mark.algorithm("mixup")
 def test_mixup_draws_lambda_from_numpy_beta():
     algorithm = make(Mixup, MixupHParams, mixup_alpha=0.7)
     np.random.seed(4)
@@ -198,6 +206,7 @@ def test_mixup_draws_lambda_from_numpy_beta():
     assert drawn == [float(np.random.beta(0.7, 0.7)) for _ in range(3)]
 
 
+@pytest.mark.algorithm("mixup")
 @pytest.mark.parametrize("lam", [0.3, 1.0])
 def test_mixup_update_equals_the_hand_mixed_objective(monkeypatch, lam):
     algorithm = make(Mixup, MixupHParams, weight_decay=1e-3)
@@ -237,6 +246,7 @@ def test_mixup_update_equals_the_hand_mixed_objective(monkeypatch, lam):
 # ---------------------------------------------------------------- MLDG
 
 
+@pytest.mark.algorithm("mldg")
 def test_mldg_beta_zero_is_one_adam_step_on_the_mean_meta_train_loss():
     algorithm = make(MLDG, MLDGHParams, mldg_beta=0.0, weight_decay=1e-3)
     batches = make_batches()  # equal sizes: every domain is meta-train once, untruncated
@@ -253,6 +263,7 @@ def test_mldg_beta_zero_is_one_adam_step_on_the_mean_meta_train_loss():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.algorithm("mldg")
 def test_mldg_gradient_is_the_first_order_formula():
     beta, wd = 0.7, 1e-2
     algorithm = make(MLDG, MLDGHParams, mldg_beta=beta, weight_decay=wd)
@@ -295,6 +306,7 @@ def test_mldg_gradient_is_the_first_order_formula():
     assert not torch.allclose(plain.classifier[1].weight.grad, algorithm.classifier[1].weight.grad)
 
 
+@pytest.mark.algorithm("mldg")
 def test_mldg_leaves_buffers_as_domainbed_clone_does_and_supports_meta_test_split():
     algorithm = make(MLDG, MLDGHParams, bn=True)
     buffers = {k: v.clone() for k, v in algorithm.named_buffers()}

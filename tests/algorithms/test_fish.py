@@ -20,6 +20,8 @@ from dgbench.checkpoint import load_checkpoint, save_checkpoint
 from dgbench.hparams import Choice, search_space
 from dgbench.registry import ALGORITHMS
 
+pytestmark = pytest.mark.algorithm("fish")
+
 IN, HIDDEN, CLASSES, DOMAINS = 6, 8, 3, 3
 BN = "featurizer.model.2."  # the BatchNorm1d layer
 

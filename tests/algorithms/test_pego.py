@@ -17,6 +17,8 @@ from dgbench.errors import ConfigError
 from dgbench.hparams import search_space
 from dgbench.registry import ALGORITHMS
 
+pytestmark = pytest.mark.algorithm("pego")
+
 NUM_CLASSES = 5
 PAPER_VIT = {k: v for k, v in PEGO.backbone_need.paper.items() if k != "pretrained"}  # no download
 

@@ -67,11 +67,13 @@ def randn(*shape: int, seed: int) -> Tensor:
 # --- CORAL -----------------------------------------------------------------------------------
 
 
+@pytest.mark.algorithm("coral")
 def test_coral_is_zero_for_identical_batches():
     x = randn(9, 4, seed=0)
     assert float(coral_penalty(x, x.clone())) == 0.0
 
 
+@pytest.mark.algorithm("coral")
 def test_coral_matches_numpy_closed_form():
     x, y = randn(6, 3, seed=1), randn(5, 3, seed=2) * 2 + 1
     a, b = x.numpy(), y.numpy()
@@ -93,12 +95,14 @@ def loop_mmd(x: Tensor, y: Tensor, gamma: float) -> float:
     return mean_k(x, x) + mean_k(y, y) - 2 * mean_k(x, y)
 
 
+@pytest.mark.algorithm("mmd")
 @pytest.mark.parametrize("gamma", [0.1, 1.0])
 def test_mmd_single_gamma_matches_explicit_loops(gamma):
     x, y = randn(5, 3, seed=3), randn(4, 3, seed=4) + 0.5
     assert float(mmd_penalty(x, y, gammas=[gamma])) == pytest.approx(loop_mmd(x, y, gamma), rel=1e-9)
 
 
+@pytest.mark.algorithm("mmd")
 def test_gaussian_kernel_sums_domainbed_bandwidths():
     x, y = randn(3, 2, seed=5), randn(4, 2, seed=6)
     assert DEFAULT_GAMMAS == (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -107,6 +111,7 @@ def test_gaussian_kernel_sums_domainbed_bandwidths():
     torch.testing.assert_close(gaussian_kernel(x, y), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.algorithm("mmd")
 def test_mmd_is_nonnegative_and_zero_for_identical_batches():
     for seed in range(20):
         x = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed))
@@ -129,6 +134,7 @@ def irm_closed_form(z: Tensor, y: Tensor) -> Tensor:
     return scale_derivative(z[0::2], y[0::2]) * scale_derivative(z[1::2], y[1::2])
 
 
+@pytest.mark.algorithm("irm")
 def test_irm_penalty_and_its_gradient_match_the_closed_form():
     z = randn(8, CLASSES, seed=8).requires_grad_()
     y = torch.randint(0, CLASSES, (8,), generator=torch.Generator().manual_seed(9))
@@ -153,6 +159,7 @@ def optimal_scale(z: Tensor, y: Tensor) -> float:
     return math.sqrt(lo * hi)
 
 
+@pytest.mark.algorithm("irm")
 def test_irm_penalty_is_zero_at_the_optimal_scale_of_each_interleaved_half():
     z = randn(8, CLASSES, seed=10)
     y = z.argmax(1)
@@ -166,6 +173,7 @@ def test_irm_penalty_is_zero_at_the_optimal_scale_of_each_interleaved_half():
 # --- VREx ------------------------------------------------------------------------------------
 
 
+@pytest.mark.algorithm("vrex")
 def test_vrex_penalty_is_domainbeds_biased_variance():
     losses = torch.tensor([0.3, 1.1, 0.7, 2.0], dtype=torch.float64)
     assert float(vrex_penalty(losses)) == pytest.approx(float(np.var(losses.numpy())), rel=1e-12)
@@ -173,6 +181,7 @@ def test_vrex_penalty_is_domainbeds_biased_variance():
     assert float(vrex_penalty(losses[:1])) == 0.0
 
 
+@pytest.mark.algorithm("coral", "irm", "mmd", "vrex")
 @pytest.mark.parametrize("name", sorted(ALGOS))
 def test_penalty_of_a_step_matches_the_per_domain_definition(name):
     algorithm = make(name)
@@ -198,6 +207,7 @@ def test_penalty_of_a_step_matches_the_per_domain_definition(name):
 # --- annealing and the Adam reset ------------------------------------------------------------
 
 
+@pytest.mark.algorithm("coral", "irm", "mmd", "vrex")
 @pytest.mark.parametrize(
     ("name", "hparams", "weights", "reset_at"),
     [
@@ -228,6 +238,7 @@ def test_annealing_weights_and_a_single_adam_reset_at_the_switch(name, hparams, 
     assert int(algorithm.update_count) == len(weights)
 
 
+@pytest.mark.algorithm("irm", "vrex")
 @pytest.mark.parametrize("name", ["irm", "vrex"])
 def test_checkpoint_resume_across_the_adam_reset_is_bit_identical(name, tmp_path):
     hparams = {f"{name}_penalty_anneal_iters": 2}
@@ -247,6 +258,7 @@ def test_checkpoint_resume_across_the_adam_reset_is_bit_identical(name, tmp_path
 # --- weight 0 is ERM -------------------------------------------------------------------------
 
 
+@pytest.mark.algorithm("coral", "irm", "mmd", "vrex")
 @pytest.mark.parametrize(
     ("name", "hparams"),
     [
@@ -274,6 +286,7 @@ def test_zero_penalty_weight_update_equals_an_erm_update(name, hparams):
 # --- registration and hparams ----------------------------------------------------------------
 
 
+@pytest.mark.algorithm("coral", "irm", "mmd", "vrex")
 def test_registered_with_domainbeds_defaults_and_search_spaces():
     expected = {
         "irm": {

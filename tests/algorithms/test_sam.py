@@ -22,6 +22,8 @@ from dgbench.algorithms.sam import (
 from dgbench.hparams import Choice, sample_hparams, search_space
 from dgbench.registry import ALGORITHMS
 
+pytestmark = pytest.mark.algorithm("sam")
+
 
 class TinyNet(nn.Module):
     """Linear -> (BatchNorm1d) -> tanh featurizer with the `n_outputs` the algorithms need."""

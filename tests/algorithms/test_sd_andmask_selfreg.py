@@ -56,6 +56,7 @@ def test_registered():
 # --- SD -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.algorithm("sd")
 def test_sd_with_zero_weight_is_an_erm_step():
     sd, erm = make(SD, SDHParams, sd_reg=0.0), make(ERM, ERMHParams)
     erm.load_state_dict(sd.state_dict())
@@ -66,6 +67,7 @@ def test_sd_with_zero_weight_is_an_erm_step():
         torch.testing.assert_close(params_of(sd)[name], value, rtol=0, atol=1e-7)
 
 
+@pytest.mark.algorithm("sd")
 def test_sd_penalty_and_metrics_follow_the_formula():
     sd = make(SD, SDHParams, sd_reg=0.5)
     batches = make_batches()
@@ -80,6 +82,7 @@ def test_sd_penalty_and_metrics_follow_the_formula():
     assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6)
 
 
+@pytest.mark.algorithm("sd")
 def test_sd_penalty_changes_the_step():
     a, b = make(SD, SDHParams, sd_reg=0.0), make(SD, SDHParams, sd_reg=1.0)
     batches = make_batches()
@@ -91,6 +94,7 @@ def test_sd_penalty_changes_the_step():
 # --- AND-mask -----------------------------------------------------------------------------------
 
 
+@pytest.mark.algorithm("andmask")
 def test_and_mask_matches_numpy():
     g = torch.Generator().manual_seed(3)
     grads = torch.randn(4, 7, 5, generator=g)
@@ -103,6 +107,7 @@ def test_and_mask_matches_numpy():
         np.testing.assert_allclose(masked_mean_gradient(grads, tau).numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.algorithm("andmask")
 def test_and_mask_tau_one_drops_exactly_the_disagreeing_components():
     grads = torch.tensor(
         [
@@ -117,6 +122,7 @@ def test_and_mask_tau_one_drops_exactly_the_disagreeing_components():
     torch.testing.assert_close(masked_mean_gradient(grads, 1.0), expected)
 
 
+@pytest.mark.algorithm("andmask")
 def test_andmask_tau_zero_gives_erm_gradient_on_equal_batches():
     andmask, erm = make(ANDMask, ANDMaskHParams, tau=0.0), make(ERM, ERMHParams)
     erm.load_state_dict(andmask.state_dict())
@@ -128,6 +134,7 @@ def test_andmask_tau_zero_gives_erm_gradient_on_equal_batches():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.algorithm("andmask")
 def test_andmask_writes_the_masked_gradient():
     andmask = make(ANDMask, ANDMaskHParams, tau=1.0)
     batches = make_batches()
@@ -146,6 +153,7 @@ def test_andmask_writes_the_masked_gradient():
 # --- SelfReg ------------------------------------------------------------------------------------
 
 
+@pytest.mark.algorithm("selfreg")
 def test_selfreg_pairs_keep_classes():
     g = torch.Generator().manual_seed(5)
     for labels in ([2, 0, 1, 1, 0, 2, 2, 1], [3, 1, 1, 3, 2], [0, 0, 0]):
@@ -157,11 +165,13 @@ def test_selfreg_pairs_keep_classes():
             assert torch.equal(y[index], y)
 
 
+@pytest.mark.algorithm("selfreg")
 def test_selfreg_intervals_as_domainbed():
     assert class_interval_ends(torch.tensor([0, 0, 1, 2, 2])) == [2, 3, 5]
     assert class_interval_ends(torch.tensor([1, 1, 3])) == [0, 2, 3]  # DomainBed's empty first run
 
 
+@pytest.mark.algorithm("selfreg")
 def test_selfreg_regulariser_zero_for_identical_pairs_and_matches_formula():
     g = torch.Generator().manual_seed(6)
     logits, feats = torch.randn(6, 3, generator=g), torch.randn(6, 4, generator=g)
@@ -182,6 +192,7 @@ def test_selfreg_regulariser_zero_for_identical_pairs_and_matches_formula():
     torch.testing.assert_close(selfreg_regulariser(logits, feats, proj, i2, i3, lam), expected)
 
 
+@pytest.mark.algorithm("selfreg")
 def test_selfreg_update_metrics_and_projection_head():
     selfreg = make(SelfReg, SelfRegHParams)
     assert selfreg.cdpl[0].out_features == 2 * HIDDEN and selfreg.cdpl[-1].num_features == HIDDEN

@@ -21,6 +21,8 @@ from dgbench.algorithms.udim import (
 from dgbench.errors import ConfigError
 from dgbench.registry import ALGORITHMS
 
+pytestmark = pytest.mark.algorithm("udim")
+
 
 class TinyConv(nn.Module):
     """Conv -> (BatchNorm2d) -> tanh -> global average pool; images (B, 3, 4, 4)."""
