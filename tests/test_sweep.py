@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from dgbench.components import load_components
 from dgbench.errors import ConfigError
+from dgbench.registry import ALGORITHMS
 from dgbench.runs import find_run_dirs, run_state
 from dgbench.sweep import Sweep, dry_run_report, load_sweep, multirun_overrides, plan, status_report
 
@@ -31,16 +33,37 @@ def test_shipped_sweeps_parse_with_domainbed_grids() -> None:
         "fish",
         "sam",
         "udim",
+        "coral",
+        "groupdro",
+        "mixup",
         "pego",
         "domaindrop",
     }
     assert (quick.hparams_seeds, quick.trial_seeds, quick.test_envs) == ([0], [0, 1], "pairs")
     gmoe = ["backbone=gmoe_vit_32px", "algorithm.lr=1e-3"]  # GMoE: ERM on the sparse-MoE ViT
     assert gmoe in quick.algorithm_overrides
+    assert ["backbone.width=0.25", "trainer.swad=true"] in quick.algorithm_overrides  # "erm + swad" row
     for name in ("domainbed_pacs", "domainbed_vlcs", "domainbed_domainnet"):
         sweep = load_sweep(name)
         assert sweep.hparams_seeds == list(range(20)) and sweep.trial_seeds == [0, 1, 2]
         assert sweep.test_envs == "single" and "trainer.steps=5001" in sweep.overrides
+
+
+def test_domainbed_table_sweep_has_every_domainbed_baseline_and_its_protocol() -> None:
+    load_components()
+    table = load_sweep("domainbed_table")
+    domainbed = {
+        name
+        for name in ALGORITHMS.names()
+        if ALGORITHMS.get(name).obj.reference.startswith("facebookresearch/DomainBed@")
+    }
+    assert set(table.algorithms) == domainbed and len(domainbed) >= 19  # a new baseline must join it
+    assert table.datasets == ["vlcs", "pacs", "officehome", "terra_incognita", "domainnet"]
+    assert (table.hparams_seeds, table.trial_seeds, table.test_envs) == (list(range(20)), [0, 1, 2], "pairs")
+    assert {"backbone=resnet50", "protocol=domainbed", "trainer.steps=5001"} <= set(table.overrides)
+    swad = load_sweep("swad_table")
+    assert {"protocol=swad", "trainer.swad=true", "backbone=resnet50"} <= set(swad.overrides)
+    assert (swad.hparams_seeds, swad.trial_seeds, swad.test_envs) == ([0], [0, 1, 2], "single")
 
 
 def test_test_env_sets_are_domainbeds_combinations() -> None:
