@@ -16,6 +16,10 @@ as Hydra's `.multirun/` skipped) that holds `results.jsonl`, `config.yaml`, `sta
   `env{i}`. Algorithm names are kept as DomainBed spells them (`ERM`, not `erm`), so a
   DomainBed row and a dgbench row of the same algorithm stay separate rows.
 
+A dgbench run may also hold `averaged.jsonl` (`dgbench.averaging`): each of its series
+(`"algorithm": "erm + swad"`, `"erm + ema"`, ...) becomes a run of its own, with the run's status,
+so it is a row of its own in the tables.
+
 A run's identity (dataset, algorithm, test_envs, seeds, hparams) is read from its first
 record. A torn last line (a process killed mid-write; dgbench itself writes atomically)
 is skipped and counted; an unparsable line elsewhere, or a record without the required
