@@ -213,8 +213,13 @@ FAST = (
     "trainer.checkpoint_freq=2",
     "algorithm.batch_size=8",
     "dataset.images_per_domain=60",
-    "backbone.width=0.25",
+    "data.resolution=16",
     "data.pipeline=fast",
+    # a BatchNorm network, so SWAD re-estimates statistics (timm's tiny test model, random init)
+    "backbone=timm",
+    "backbone.name=test_resnet",
+    "backbone.pretrained=false",
+    "backbone.bn=train",
 )
 
 
@@ -240,6 +245,7 @@ def test_trainer_records_averaged_series_that_resume_identically_and_become_tabl
     swad = records[-1]
     start, end = swad["metrics"]["swad_start_step"], swad["metrics"]["swad_end_step"]
     assert 0 <= start <= end <= 12 and swad["loss"] == swad["metrics"]["val_loss"] > 0
+    assert swad["metrics"]["bn_layers_recomputed"] > 0
     plain = read_records(whole.run_dir / "results.jsonl")
     assert all("val_loss" in r["metrics"] for r in plain)
 
