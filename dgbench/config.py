@@ -57,6 +57,9 @@ class DataConfig:
     resolution: int | None = None  # working resolution in px; default: the dataset's
     augment: bool = True  # DomainBed's training augmentation (crop, flip, colour jitter, grayscale)
     skip_corrupt: bool = False  # skip (warn, count) unreadable images instead of failing the run
+    # data.pipeline=fast on folder datasets: side in px of the decoded-image cache; default: `resolution`
+    # (evaluation then equals the reference pipeline's bit for bit).
+    cache_resolution: int | None = None
 
 
 @dataclass
@@ -137,6 +140,17 @@ NON_DEFINING_KEYS = (
     "logger",
     "search",  # what it draws is in the config itself
 )
+# Keys added after runs were recorded, left out of the run id while they hold these defaults: adding
+# them kept existing run ids, so a relaunched sweep still finds its finished runs.
+OMITTED_AT_DEFAULT: dict[str, Any] = {
+    "data.cache_resolution": None,
+    "trainer.swad": False,
+    "trainer.swad_n_converge": 3,
+    "trainer.swad_n_tolerance": 6,
+    "trainer.swad_tolerance_ratio": 0.3,
+    "trainer.ema": None,
+    "trainer.sma_start": None,
+}
 
 
 def override_keys(overrides: Iterable[str]) -> set[str]:
@@ -225,12 +239,14 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config minus the keys that do not change what the run computes."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     assert isinstance(container, dict)
-    for dotted in NON_DEFINING_KEYS:
+    missing = object()
+    for dotted in (*NON_DEFINING_KEYS, *OMITTED_AT_DEFAULT):
         *parents, leaf = dotted.split(".")
         node = container
         for parent in parents:
             node = node.get(parent, {})
-        node.pop(leaf, None)
+        if dotted in NON_DEFINING_KEYS or node.get(leaf, missing) == OMITTED_AT_DEFAULT[dotted]:
+            node.pop(leaf, None)
     return container
 
 

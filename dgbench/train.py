@@ -195,6 +195,7 @@ def _train(
     spec = PipelineSpec(
         pipeline=Pipeline(cfg.data.pipeline).value,
         resolution=cfg.data.resolution or dataset.resolution,
+        cache_resolution=cfg.data.cache_resolution,
         mean=backbone.mean,
         std=backbone.std,
         augment=cfg.data.augment and dataset.augment,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from dgbench.algorithms.erm import ERMHParams
 from dgbench.checkpoint import CHECKPOINT_FILE
-from dgbench.config import run_id
+from dgbench.config import OMITTED_AT_DEFAULT, run_id
 from dgbench.errors import ConfigError
 from dgbench.hparams import sample_hparams
 from dgbench.records import RECORD_KEYS, read_records
@@ -95,6 +96,22 @@ def test_run_id_ignores_paths_and_devices_but_not_hparams(make_cfg):
     )
     assert run_id(base) != run_id(make_cfg("dataset.test_envs=[0]", "algorithm.lr=0.002"))
     assert run_id(base) != run_id(make_cfg("dataset.test_envs=[0]", "trial_seed=1"))
+
+
+def test_keys_added_later_keep_run_ids_while_at_their_defaults(make_cfg):
+    # a config as it was before these keys existed (untyped: structured configs refuse deletion)
+    before = OmegaConf.create(OmegaConf.to_container(make_cfg(), resolve=True, enum_to_str=True))
+    for dotted in OMITTED_AT_DEFAULT:
+        parent, leaf = dotted.rsplit(".", 1)
+        del OmegaConf.select(before, parent)[leaf]
+    assert run_id(before) == run_id(make_cfg())
+    for override in (
+        "trainer.swad=true",
+        "trainer.ema=0.9",
+        "trainer.sma_start=5",
+        "data.cache_resolution=64",
+    ):
+        assert run_id(make_cfg(override)) != run_id(make_cfg()), override
 
 
 def test_test_envs_by_name_and_by_index_are_the_same_run(make_cfg):

@@ -8,7 +8,20 @@ indices as the reference pipeline (`StepBatchSampler`), and its augmentation par
 from a generator seeded with `(seed, s)`: a resumed run sees the same data, as with the
 reference pipeline. The augmentation follows the same distributions, not the same draws.
 
-Datasets that decode files on demand have no `arrays` yet; for them the fast pipeline stops
+Folder datasets get their `arrays` from the decoded-image cache (`dgbench.data.image_cache`): a
+read-only memory map of every image squashed to R x R, the reference eval transform's resize.
+Evaluation is then the reference's bit for bit. Training crops are taken from that R x R image
+rather than from the original file, which differs from the reference in two ways. Sharpness: the
+crop (area fraction 0.7-1 of R x R) is upscaled to R by 1-1.4x from an image already resampled
+once, where the reference resamples the original once (downscaling it when the original is larger
+than about 1.2 R): nearly equal for PACS's 227 px originals, softer for DomainNet-size images
+(`data.cache_resolution` above R keeps more detail, at the price of evaluation being resized from
+the cache instead of from the file). Aspect: for a non-square original of aspect A = W / H, the
+crop's ratio r in [3/4, 4/3] applies to the squashed image, so objects end up scaled by 1/(r A)
+horizontally relative to vertically instead of 1/r: centred on the eval transform's 1/A rather
+than on 1 (identical for square originals such as PACS's).
+
+Other datasets that decode files on demand have no `arrays`; for them the fast pipeline stops
 with a message to use `data.pipeline=reference`.
 """
 
@@ -23,10 +36,14 @@ from torch import Tensor
 from dgbench.data.base import DomainData
 from dgbench.data.batch_augment import augment_batch, eval_batch, sample_params
 from dgbench.data.loaders import StepBatchSampler
-from dgbench.errors import ConfigError
+from dgbench.errors import ConfigError, DataError
 from dgbench.hparams import seed_hash
 
-Batch = tuple[Tensor, Tensor, int]  # images, labels, skipped images (always 0 here)
+Batch = tuple[Tensor, Tensor, int]  # images, labels, unreadable images dropped (data.skip_corrupt)
+
+# Splits up to this size are copied to an accelerator once; larger ones (DomainNet) are gathered
+# from the host array batch by batch.
+DEVICE_COPY_BYTES = 1 << 30
 
 
 def require_arrays(domains: Sequence[DomainData], dataset: str) -> None:
@@ -39,15 +56,47 @@ def require_arrays(domains: Sequence[DomainData], dataset: str) -> None:
 
 
 class FastSplit:
-    """The images and labels of one split, as tensors on the training device."""
+    """The images and labels of one split, gathered batch by batch from the domain's array.
+
+    On CPU nothing is copied up front: each batch reads its rows from `domain.arrays`, which for
+    folder datasets is a memory-mapped cache, so a split never sits twice in host memory. On an
+    accelerator a split of at most `DEVICE_COPY_BYTES` is copied to the device once.
+    Rows in `domain.unreadable` (kept only under `data.skip_corrupt`) are dropped from every batch
+    and counted, as the reference pipeline drops and counts them.
+    """
 
     def __init__(self, domain: DomainData, indices: Sequence[int], device: torch.device) -> None:
-        rows = np.asarray(indices, dtype=np.int64)
-        self.images = torch.from_numpy(np.ascontiguousarray(domain.arrays[rows])).to(device)  # type: ignore[attr-defined]
-        self.labels = torch.from_numpy(np.asarray(domain.labels)[rows]).to(device)
+        self.rows = np.asarray(indices, dtype=np.int64)
+        self.source: np.ndarray = domain.arrays  # type: ignore[attr-defined]
+        self.device = device
+        _, self.height, self.width, _ = self.source.shape
+        self.labels = torch.from_numpy(np.asarray(domain.labels)[self.rows])
+        unreadable = getattr(domain, "unreadable", None)
+        self.readable = None if unreadable is None or not len(unreadable) else ~np.isin(self.rows, unreadable)
+        self.images: Tensor | None = None
+        if device.type != "cpu" and len(self.rows) * self.source[0].nbytes <= DEVICE_COPY_BYTES:
+            self.images = torch.from_numpy(np.ascontiguousarray(self.source[self.rows])).to(device)
+            self.labels = self.labels.to(device)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def take(self, positions: np.ndarray) -> Batch:
+        """uint8 images and labels at `positions` of the split, on the device, minus unreadable ones."""
+        skipped = 0
+        if self.readable is not None:
+            keep = self.readable[positions]
+            skipped, positions = int(len(positions) - keep.sum()), positions[keep]
+            if not len(positions):
+                raise DataError(
+                    f"all {skipped} images of a batch are unreadable; run `dgbench data verify <dataset> "
+                    f"--decode` to list the corrupt files"
+                )
+        if self.images is not None:
+            index = torch.from_numpy(positions).to(self.device)
+            return self.images[index], self.labels[index], skipped
+        images = torch.from_numpy(self.source[self.rows[positions]])  # a gather copies just these rows
+        return images.to(self.device), self.labels[torch.from_numpy(positions)].to(self.device), skipped
 
 
 def train_batches(
@@ -62,16 +111,14 @@ def train_batches(
 ) -> Iterator[Batch]:
     """Infinite training batches from `start_step`; batch `s` depends only on (seed, s)."""
     sampler = StepBatchSampler(len(split), batch_size, seed, start_step)
-    _, height, width, _ = split.images.shape
     for step, keys in enumerate(sampler, start=start_step):
-        rows = torch.tensor([position for position, _ in keys], device=split.images.device)
-        images, labels = split.images[rows], split.labels[rows]
+        images, labels, skipped = split.take(np.array([position for position, _ in keys], dtype=np.int64))
         if augment:
             generator = torch.Generator().manual_seed(seed_hash(seed, "augment", step))
-            params = sample_params(len(rows), height, width, generator)
-            yield augment_batch(images, params, resolution, mean, std), labels, 0
+            params = sample_params(len(images), split.height, split.width, generator)
+            yield augment_batch(images, params, resolution, mean, std), labels, skipped
         else:
-            yield eval_batch(images, resolution, mean, std), labels, 0
+            yield eval_batch(images, resolution, mean, std), labels, skipped
 
 
 def eval_batches(
@@ -83,13 +130,11 @@ def eval_batches(
     augment_seed: int | None = None,
 ) -> Iterator[Batch]:
     """The split in order, in batches; augmented with a fixed seed for the `domainbed` protocol."""
-    _, height, width, _ = split.images.shape
     for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size]
-        labels = split.labels[start : start + batch_size]
+        images, labels, skipped = split.take(np.arange(start, min(start + batch_size, len(split))))
         if augment_seed is None:
-            yield eval_batch(images, resolution, mean, std), labels, 0
+            yield eval_batch(images, resolution, mean, std), labels, skipped
         else:
             generator = torch.Generator().manual_seed(seed_hash(augment_seed, start))
-            params = sample_params(len(images), height, width, generator)
-            yield augment_batch(images, params, resolution, mean, std), labels, 0
+            params = sample_params(len(images), split.height, split.width, generator)
+            yield augment_batch(images, params, resolution, mean, std), labels, skipped

@@ -214,12 +214,33 @@ def list_class_files(domain_dir: str | os.PathLike, class_name: str) -> list[str
     return files
 
 
+def read_image(path: str) -> Image.Image:
+    """The image at `path` as RGB; a file PIL cannot read raises a one-line DataError naming it.
+
+    Shared by the per-sample loader and the decoded-image cache, so both fail (or skip) the same files.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(
+            f"cannot read image {path}: {one_line(exc)}; re-download or verify the dataset, "
+            f"or delete this file"
+        ) from exc
+
+
 class FolderDomain(DomainData):
     """One domain folder, indexed in ImageFolder order; images are read on demand.
 
     `ids` are paths relative to the domain folder (`<class>/<file>`), labels are
     positions in `classes` (default: the domain's sorted class folders).
+    `arrays` and `unreadable` are set only for `data.pipeline=fast`, by
+    `dgbench.data.image_cache.attach_arrays`: every image decoded once (a read-only
+    memory map) and the rows whose file could not be read.
     """
+
+    arrays: np.ndarray | None = None
+    unreadable: np.ndarray | None = None
 
     def __init__(
         self,
@@ -248,15 +269,7 @@ class FolderDomain(DomainData):
 
     def load_image(self, index: int) -> Image.Image:
         """The image as RGB; a file PIL cannot read raises a one-line DataError naming it."""
-        path = self.path(index)
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(
-                f"cannot read image {path}: {one_line(exc)}; re-download or verify the dataset, "
-                f"or delete this file"
-            ) from exc
+        return read_image(self.path(index))
 
     def __repr__(self) -> str:
         return f"FolderDomain({str(self.root)!r}, {len(self)} images, {len(self.classes)} classes)"

@@ -2,7 +2,8 @@
 
 `reference`: PIL decoding and torchvision transforms per sample in DataLoader workers
 (DomainBed's path). `fast`: in-memory uint8 images, augmented per batch as tensor ops on
-the training device (`dgbench.data.fast`). Both draw the same sample indices at every step
+the training device (`dgbench.data.fast`); folder datasets are decoded once into a memory-mapped
+cache for it (`dgbench.data.image_cache`). Both draw the same sample indices at every step
 and yield `(images, labels, n_skipped)`.
 """
 
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from dgbench.data import fast
 from dgbench.data.base import MultiDomainDataset
+from dgbench.data.folder import FolderDataset
+from dgbench.data.image_cache import attach_arrays
 from dgbench.data.loaders import SplitView, eval_loader, train_loader
 from dgbench.data.transforms import eval_transform, train_transform
 from dgbench.hparams import seed_hash
@@ -48,6 +51,7 @@ class PipelineSpec:
     num_workers: int
     skip_corrupt: bool
     device: torch.device
+    cache_resolution: int | None = None  # folder datasets' decoded-image cache; None: `resolution`
 
 
 def build_streams(
@@ -106,6 +110,9 @@ def _fast(
     train_envs: Sequence[int],
     spec: PipelineSpec,
 ) -> Streams:
+    if isinstance(dataset, FolderDataset):  # decode once into the memory-mapped cache, or open it
+        resolution = spec.cache_resolution or spec.resolution
+        attach_arrays(dataset, resolution, skip_corrupt=spec.skip_corrupt)
     fast.require_arrays(dataset.domain_data, dataset.name)
     norm = (spec.resolution, spec.mean, spec.std)
     train = [
