@@ -183,7 +183,8 @@ def _print_summary(result: RunResult) -> None:
     for index, domain in enumerate(result.domains):
         role = "test" if index in result.test_envs else "train"
         acc = record["acc"][domain]
-        print(f"{domain:<16}{role:<7}{100 * acc['in']:>7.1f}%{100 * acc['out']:>7.1f}%")
+        cells = "".join(f"{'-':>8}" if a is None else f"{100 * a:>7.1f}%" for a in (acc["in"], acc["out"]))
+        print(f"{domain:<16}{role:<7}{cells}")
     print(f"records: {result.run_dir / RESULTS_FILE}")
 
 

@@ -51,6 +51,19 @@ class Protocol(str, enum.Enum):
     swad = "swad"
 
 
+class EvalSplits(str, enum.Enum):
+    """Which splits each evaluation measures.
+
+    all: the `in` and `out` split of every domain.
+    selection: only what the model-selection methods read: every domain's `out` split and the test
+        domains' `in` split (LODO validates on the other test domain's `in`). The training domains'
+        `in` splits, 80% of the training data and most of the evaluation time, are recorded as null.
+    """
+
+    all = "all"
+    selection = "selection"
+
+
 @dataclass
 class DataConfig:
     pipeline: Pipeline = Pipeline.reference
@@ -71,6 +84,9 @@ class TrainerConfig:
     eval_batch_size: int = 256
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    deterministic: bool = False  # CUDA: deterministic kernels, no cudnn.benchmark autotuning (slower)
+    compile: bool = False  # torch.compile the featurizer (its first steps compile: worth it for long runs)
+    evaluate: EvalSplits = EvalSplits.all  # all | selection (skip the training domains' `in` splits)
     progress: bool = True  # progress bar with step, loss and ETA
     # Weight averaging (dgbench.averaging), each recorded as its own series "<algorithm> + <kind>":
     swad: bool = False  # SWAD: dense average over the validation-loss valley, evaluated after training
@@ -137,6 +153,8 @@ NON_DEFINING_KEYS = (
     "trainer.num_workers",
     "trainer.eval_batch_size",
     "trainer.progress",
+    "trainer.deterministic",  # CUDA kernels differ in rounding only
+    "trainer.compile",
     "logger",
     "search",  # what it draws is in the config itself
 )
@@ -150,6 +168,7 @@ OMITTED_AT_DEFAULT: dict[str, Any] = {
     "trainer.swad_tolerance_ratio": 0.3,
     "trainer.ema": None,
     "trainer.sma_start": None,
+    "trainer.evaluate": "all",
 }
 
 

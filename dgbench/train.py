@@ -35,6 +35,7 @@ from dgbench.backbones.auxiliary import auxiliary_metrics
 from dgbench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from dgbench.config import (
     Device,
+    EvalSplits,
     Pipeline,
     Protocol,
     prepare_run_config,
@@ -158,6 +159,10 @@ def _train(
     )
     memory_format = torch.channels_last if on_cuda and cfg.trainer.channels_last else torch.preserve_format
     algorithm.to(device=device, memory_format=memory_format)
+    if on_cuda:
+        _cuda_kernels(deterministic=cfg.trainer.deterministic)
+    if cfg.trainer.compile:
+        algorithm.featurizer.compile()  # in place: state_dict keys (and checkpoints) stay the same
 
     protocol = Protocol(cfg.protocol)
     defaults = dataset.protocol_defaults(protocol.value)
@@ -210,6 +215,9 @@ def _train(
     )
     streams = build_streams(dataset, splits, train_envs, spec)
     iterators, eval_sources = streams.train, streams.eval
+    if EvalSplits(cfg.trainer.evaluate) is EvalSplits.selection:
+        test_names = {dataset.domains[i] for i in test_envs}
+        eval_sources = {k: v for k, v in eval_sources.items() if k[1] == "out" or k[0] in test_names}
     steps_per_epoch = min(len(splits[i][1]) / batch_size for i in train_envs)
     identity = {
         "run_id": run_dir.name,
@@ -234,6 +242,8 @@ def _train(
     def evaluate(model: Algorithm) -> tuple[dict[str, dict[str, float]], float, int]:
         """Accuracies, the training-domain validation loss (SWAD's criterion), skipped images."""
         acc, losses, skipped = _evaluate(model, eval_sources, device, memory_format, autocast)
+        # a split not evaluated (trainer.evaluate=selection) is recorded as null
+        acc = {d: {"in": acc[d].get("in"), "out": acc[d]["out"]} for d in dataset.domains}
         return acc, float(np.mean([losses[d]["out"] for d in train_names])), skipped
 
     meter: dict[str, list[float]] = defaultdict(list)
@@ -383,6 +393,13 @@ def _device(name: str) -> torch.device:
             "trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu"
         )
     return torch.device(name)
+
+
+def _cuda_kernels(deterministic: bool) -> None:
+    """cudnn autotuning (fastest kernels for fixed shapes) unless deterministic kernels are asked for."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[Any]:

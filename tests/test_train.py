@@ -13,6 +13,7 @@ from dgbench.config import OMITTED_AT_DEFAULT, run_id
 from dgbench.errors import ConfigError
 from dgbench.hparams import sample_hparams
 from dgbench.records import RECORD_KEYS, read_records
+from dgbench.results import aggregate, load_results
 from dgbench.runs import DONE_FILE, STATUS_FILE
 from dgbench.train import DivergedError, train
 
@@ -296,3 +297,22 @@ def test_dataset_defaults_apply_unless_overridden(make_cfg, monkeypatch):
     cfg = make_cfg("algorithm.dropout=0.0")
     prepare_run_config(cfg, ["algorithm.dropout=0.0"])
     assert cfg.algorithm.dropout == 0.0
+
+
+def test_evaluating_only_the_selection_splits_gives_the_same_tables(make_cfg):
+    small = (*FAST, "dataset.images_per_domain=60", "data.pipeline=fast", "dataset.test_envs=[sketch]")
+    full = train(make_cfg(*small, "name=all"), small)
+    lean = train(make_cfg(*small, "trainer.evaluate=selection", "name=lean"), small)
+    assert full.run_dir.name != lean.run_dir.name  # what is recorded differs: another run
+    test_domain = full.domains[full.test_envs[0]]
+    records = [read_records(result.run_dir / "results.jsonl") for result in (full, lean)]
+    for a, b in zip(*records, strict=True):
+        assert list(b["acc"]) == list(a["acc"]) and b["metrics"]["val_loss"] == a["metrics"]["val_loss"]
+        for domain, splits in b["acc"].items():
+            assert splits["out"] == a["acc"][domain]["out"]
+            assert splits["in"] == (a["acc"][domain]["in"] if domain == test_domain else None)
+    cells = {
+        run: [(c.selection, c.test_env, c.mean) for c in aggregate(load_results([run])).cells]
+        for run in (full.run_dir, lean.run_dir)
+    }
+    assert cells[full.run_dir] == cells[lean.run_dir] and cells[full.run_dir]
