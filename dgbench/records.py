@@ -36,6 +36,18 @@ RECORD_KEYS = (
 )
 
 
+TIMING_KEYS = ("step_time", "mem_gb")  # wall-clock measurements: differ between identical runs
+TIMING_METRICS = ("eval_time",)
+
+
+def without_timing(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` minus its wall-clock measurements: what two runs computing the same thing share."""
+    kept = {k: v for k, v in record.items() if k not in TIMING_KEYS}
+    if isinstance(kept.get("metrics"), dict):
+        kept["metrics"] = {k: v for k, v in kept["metrics"].items() if k not in TIMING_METRICS}
+    return kept
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """All records of a results file ([] when it does not exist)."""
     path = Path(path)

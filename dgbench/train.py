@@ -276,7 +276,9 @@ def _train(
 
             if step % freq == 0 or step == steps - 1:
                 means = {key: float(np.mean(values)) for key, values in meter.items()}
+                eval_start = time.perf_counter()
                 acc, val_loss, eval_skipped = evaluate(algorithm)
+                means["eval_time"] = time.perf_counter() - eval_start  # seconds, what trainer.evaluate saves
                 means["val_loss"] = val_loss
                 if skip:
                     means["skipped_images"] = skipped_images + eval_skipped

@@ -18,7 +18,7 @@ from dgbench.averaging import (
     recompute_batchnorm,
     swapped_in,
 )
-from dgbench.records import read_records
+from dgbench.records import read_records, without_timing
 from dgbench.results import load_results
 from dgbench.train import train
 
@@ -224,10 +224,7 @@ FAST = (
 
 
 def _records(run_dir):
-    return [
-        {k: v for k, v in r.items() if k not in ("step_time", "mem_gb")}
-        for r in read_records(run_dir / "averaged.jsonl")
-    ]
+    return [without_timing(r) for r in read_records(run_dir / "averaged.jsonl")]
 
 
 def test_trainer_records_averaged_series_that_resume_identically_and_become_table_rows(

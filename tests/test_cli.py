@@ -12,7 +12,7 @@ import time
 import pytest
 from PIL import Image
 
-from dgbench.records import read_records
+from dgbench.records import read_records, without_timing
 
 pytestmark = pytest.mark.slow
 
@@ -199,5 +199,4 @@ def test_sigkill_mid_run_then_relaunch_matches_uninterrupted_run(tmp_path, data_
     assert relaunched.returncode == 0, relaunched.stderr
     expected, got = read_records(reference_results), read_records(killed_results)
     assert [r["step"] for r in got] == [r["step"] for r in expected]
-    strip = lambda r: {k: v for k, v in r.items() if k not in ("step_time", "mem_gb")}  # noqa: E731
-    assert [strip(r) for r in got] == [strip(r) for r in expected]
+    assert [without_timing(r) for r in got] == [without_timing(r) for r in expected]

@@ -6,7 +6,7 @@ import sys
 import textwrap
 
 from dgbench.atomic import atomic_write_text
-from dgbench.records import RECORD_KEYS, append_record, read_records, truncate_records
+from dgbench.records import RECORD_KEYS, append_record, read_records, truncate_records, without_timing
 
 
 def _record(step):
@@ -48,3 +48,9 @@ def test_atomic_write_leaves_old_file_when_killed_mid_write(tmp_path):
     assert target.read_text() == "old content\n"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "file.txt"]
     assert all(name.endswith(".tmp") for name in leftovers)  # never the target name
+
+
+def test_without_timing_drops_the_wall_clock_measurements_only():
+    record = {"step": 3, "step_time": 0.2, "mem_gb": 1.0, "metrics": {"eval_time": 4.0, "val_loss": 0.5}}
+    assert without_timing(record) == {"step": 3, "metrics": {"val_loss": 0.5}}
+    assert record["metrics"]["eval_time"] == 4.0  # the record itself is left as it was

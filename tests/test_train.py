@@ -12,17 +12,12 @@ from dgbench.checkpoint import CHECKPOINT_FILE
 from dgbench.config import OMITTED_AT_DEFAULT, run_id
 from dgbench.errors import ConfigError
 from dgbench.hparams import sample_hparams
-from dgbench.records import RECORD_KEYS, read_records
+from dgbench.records import RECORD_KEYS, read_records, without_timing
 from dgbench.results import aggregate, load_results
 from dgbench.runs import DONE_FILE, STATUS_FILE
 from dgbench.train import DivergedError, train
 
 FAST = ("trainer.steps=7", "trainer.checkpoint_freq=3", "algorithm.batch_size=8")
-TIMING_KEYS = ("step_time", "mem_gb")
-
-
-def _strip_timing(record):
-    return {k: v for k, v in record.items() if k not in TIMING_KEYS}
 
 
 def test_run_writes_records_for_every_domain_and_a_done_marker(make_cfg):
@@ -63,7 +58,7 @@ def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, killed_at_ch
     resumed = train(make_cfg(*overrides, "name=interrupted"), overrides)
     assert str(resumed.run_dir).startswith(run_dir)
     assert [r["step"] for r in read_records(resumed.run_dir / "results.jsonl")] == [0, 3, 6]
-    assert _strip_timing(resumed.record) == _strip_timing(reference)
+    assert without_timing(resumed.record) == without_timing(reference)
 
 
 def test_hparams_seed_samples_and_explicit_overrides_win(make_cfg):
@@ -206,14 +201,14 @@ def test_fast_and_reference_pipelines_feed_identical_batches_without_augmentatio
     ref = train(make_cfg(*overrides, "name=ref"), overrides).record
     fast = train(make_cfg(*overrides, "data.pipeline=fast", "name=fast"), [*overrides, "data.pipeline=fast"])
     assert fast.record["run_id"] != ref["run_id"]
-    assert _strip_timing({**fast.record, "run_id": None}) == _strip_timing({**ref, "run_id": None})
+    assert without_timing({**fast.record, "run_id": None}) == without_timing({**ref, "run_id": None})
 
 
 def test_fast_pipeline_with_augmentation_learns_and_is_repeatable(make_cfg):
     overrides = [*FAST, "data.pipeline=fast"]
     first = train(make_cfg(*overrides, "name=a"), overrides).record
     second = train(make_cfg(*overrides, "name=b"), overrides).record
-    assert _strip_timing(first) == _strip_timing(second)
+    assert without_timing(first) == without_timing(second)
     reference = train(make_cfg(*FAST, "name=c"), list(FAST)).record
     assert first["loss"] != reference["loss"]  # other augmentation draws, same distributions
 

@@ -1,0 +1,117 @@
+"""Side by side: end-to-end ERM training through `dgbench train`, reference data path vs fast path.
+
+Both runs are the real CLI on the same dataset, backbone, batch and steps, each in its own
+process (so each peak host memory, summed over the process and its loader workers, is its own):
+
+    reference: data.pipeline=reference (PIL + torchvision per image in DataLoader workers,
+               trainer.num_workers=<cores>), trainer.evaluate=all
+    fast:      data.pipeline=fast (decoded-image cache + batched augmentation on the device),
+               trainer.evaluate=selection (only the splits model selection reads)
+
+Reported per path: training steps/s (from the records' `step_time`, data loading included, first
+record left out: it holds step 0 and the warm-up), evaluation seconds per evaluation (`eval_time`)
+and evaluated images/s, wall time, peak host memory (RSS, anonymous RSS, PSS) and peak GPU memory
+(`mem_gb`), then the ratios. The fast path's decoded-image cache is built by a first untimed run.
+
+    python tools/bench_train.py --root ../shared/datasets [--dataset pacs] [--backbone resnet50]
+        [--steps 60] [--eval-every 30] [--batch 32] [--device cpu|cuda] [--json out.json] [OVERRIDE ...]
+
+Trailing `key=value` arguments are passed to both runs (e.g. `data.resolution=64` for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_data_pipeline import PeakMemory, _machine  # tools/ is on sys.path when run as a script
+
+PATHS = {
+    "reference": ["data.pipeline=reference", "trainer.evaluate=all"],
+    "fast": ["data.pipeline=fast", "trainer.evaluate=selection"],
+}
+
+
+def overrides(args: argparse.Namespace, output_dir: str, name: str) -> list[str]:
+    return [
+        f"dataset={args.dataset}",
+        f"dataset.root={args.root}",
+        f"backbone={args.backbone}",
+        "backbone.pretrained=false",  # speed only: no weights download
+        "algorithm=erm",
+        f"algorithm.batch_size={args.batch}",
+        f"trainer.steps={args.steps}",
+        f"trainer.checkpoint_freq={args.eval_every}",
+        f"trainer.device={args.device}",
+        f"trainer.num_workers={os.cpu_count() if args.workers < 0 else args.workers}",
+        "trainer.progress=false",
+        f"output_dir={output_dir}",
+        f"name={name}",
+        *args.extra,
+    ]
+
+
+def run(args: argparse.Namespace, extra: list[str], output_dir: str, name: str) -> dict[str, Any]:
+    command = [sys.executable, "-m", "dgbench.cli", "train", *overrides(args, output_dir, name), *extra]
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    (results,) = Path(output_dir, name).glob("*/results.jsonl")
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    timed = records[1:] or records
+    domains = len(records[0]["acc"]) - len(records[0]["test_envs"])
+    step_time = sum(r["step_time"] for r in timed) / len(timed)
+    eval_time = sum(r["metrics"]["eval_time"] for r in timed) / len(timed)
+    evaluated = sum(v is not None for r in timed[:1] for splits in r["acc"].values() for v in splits.values())
+    return {
+        "steps_per_s": round(1 / step_time, 3),
+        "images_per_s": round(domains * args.batch / step_time, 1),
+        "eval_seconds": round(eval_time, 2),
+        "splits_evaluated": evaluated,
+        "wall_s": round(wall, 1),
+        "gpu_peak_gb": records[-1]["mem_gb"] if args.device == "cuda" else None,
+        **memory.peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", required=True, help="data root holding the dataset folder (e.g. PACS/)")
+    parser.add_argument("--dataset", default="pacs")
+    parser.add_argument("--backbone", default="resnet50", help="a backbone preset (resnet50, resnet18, ...)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-every", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=32, help="images per training domain")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=-1, help="reference loader workers (-1: cores)")
+    parser.add_argument("--json", default="")
+    parser.add_argument("extra", nargs="*", help="more training overrides for both runs")
+    args = parser.parse_args()
+
+    result: dict[str, Any] = {"machine": _machine(args), "settings": vars(args)}
+    with tempfile.TemporaryDirectory() as out:
+        run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
+        for path, extra in PATHS.items():
+            result[path] = run(args, extra, out, path)
+    ref, fast = result["reference"], result["fast"]
+    result["ratios"] = {
+        "train_steps_per_s": round(fast["steps_per_s"] / ref["steps_per_s"], 2),
+        "eval_seconds": round(ref["eval_seconds"] / fast["eval_seconds"], 2),
+        "wall": round(ref["wall_s"] / fast["wall_s"], 2),
+        "host_rss": round(fast["rss_mb"] / ref["rss_mb"], 2),
+    }
+    print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
