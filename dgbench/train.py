@@ -46,7 +46,7 @@ from dgbench.config import (
 from dgbench.data.base import MultiDomainDataset, resolve_test_envs
 from dgbench.data.pipeline import PipelineSpec, build_streams
 from dgbench.data.splits import split_indices
-from dgbench.errors import DGBenchError
+from dgbench.errors import ConfigError, DGBenchError
 from dgbench.loggers import build_sink, check_logger
 from dgbench.records import (
     AVERAGED_FILE,
@@ -362,10 +362,16 @@ def _evaluate(
 
 def _averaging(cfg: DictConfig) -> Averaging:
     trainer = cfg.trainer
-    valley = None
-    if trainer.swad:
-        valley = LossValley(trainer.swad_n_converge, trainer.swad_n_tolerance, trainer.swad_tolerance_ratio)
-    return Averaging(cfg.algorithm.name, valley, ema=trainer.ema, sma_start=trainer.sma_start)
+    try:
+        valley = None
+        if trainer.swad:
+            valley = LossValley(
+                trainer.swad_n_converge, trainer.swad_n_tolerance, trainer.swad_tolerance_ratio
+            )
+        return Averaging(cfg.algorithm.name, valley, ema=trainer.ema, sma_start=trainer.sma_start)
+    except ValueError as error:
+        keys = "trainer.ema, trainer.swad_n_converge, trainer.swad_n_tolerance"
+        raise ConfigError(f"weight averaging ({keys}): {error}") from None
 
 
 def _pooled_inputs(

@@ -18,6 +18,7 @@ from dgbench.averaging import (
     recompute_batchnorm,
     swapped_in,
 )
+from dgbench.errors import ConfigError
 from dgbench.records import read_records, without_timing
 from dgbench.results import load_results
 from dgbench.train import train
@@ -253,3 +254,16 @@ def test_trainer_records_averaged_series_that_resume_identically_and_become_tabl
 
     rows = {run.algorithm for run in load_results([whole.run_dir]).runs}
     assert rows == {"erm", "erm + ema", "erm + sma", "erm + swad"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.ema=1.5", r"trainer\.ema.*decay must be in \(0, 1\), got 1\.5"),
+        ("trainer.swad_n_converge=9", r"trainer\.swad_n_converge.*got 9 and 6"),
+    ],
+)
+def test_bad_averaging_settings_name_their_keys(make_cfg, override, message):
+    overrides = [*FAST, "trainer.swad=true", override]
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(*overrides), overrides)
