@@ -13,17 +13,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+_UMASK = os.umask(0)  # read once at import (single-threaded then): os.umask can only be read by setting it
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(file)` on a temp file in the target's directory, then rename it onto `path`."""
+    """Call `write(file)` on a temp file in the target's directory, then rename it onto `path`.
+
+    The result has the permissions a plain `open(path, "w")` would give: those of the file it
+    replaces, else 0o666 minus the umask (the temp file itself is created 0o600).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

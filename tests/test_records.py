@@ -54,3 +54,16 @@ def test_without_timing_drops_the_wall_clock_measurements_only():
     record = {"step": 3, "step_time": 0.2, "mem_gb": 1.0, "metrics": {"eval_time": 4.0, "val_loss": 0.5}}
     assert without_timing(record) == {"step": 3, "metrics": {"val_loss": 0.5}}
     assert record["metrics"]["eval_time"] == 4.0  # the record itself is left as it was
+
+
+def test_atomic_write_gives_new_files_the_umask_mode_and_keeps_an_existing_files_mode(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    fresh = tmp_path / "fresh.txt"
+    atomic_write_text(fresh, "x")
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask  # as open(path, "w"), not mkstemp's 0o600
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    atomic_write_text(kept, "new")
+    assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640

@@ -27,11 +27,12 @@ import difflib
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dgbench.atomic import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = ROOT / "tests"
@@ -362,29 +363,13 @@ def _read(path: Path) -> str:
         raise TableError(f"{path}: no such file") from None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Temp file beside `path`, same permissions, fsync, rename: readers see the old or new file."""
-    mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_readme(readme: Path, block: str | None = None) -> bool:
     """Regenerate the table in `readme`; returns whether the file changed."""
     text = _read(readme)
     new = replace_table(text, generated_block(readme) if block is None else block, readme)
     if new == text:
         return False
-    _write_atomically(readme, new)
+    atomic_write_text(readme, new)  # keeps the README's permissions
     return True
 
 
