@@ -266,7 +266,7 @@ def _child(phase: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _machine(args: argparse.Namespace) -> dict[str, Any]:
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import numpy
     import PIL
     import torch
@@ -345,7 +345,7 @@ def main() -> None:
     from dgbench.data.image_cache import available_cores
 
     args.workers = args.workers or available_cores()
-    machine = _machine(args)  # the load average before this benchmark adds its own
+    machine = machine_info(args)  # the load average before this benchmark adds its own
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="dgbench-bench-cache-") as scratch:
         if args.rebuild:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_data_pipeline import PeakMemory, _machine  # tools/ is on sys.path when run as a script
+from bench_data_pipeline import PeakMemory, machine_info  # tools/ is on sys.path when run as a script
+
+from dgbench.data.image_cache import available_cores
 
 PATHS = {
     "reference": ["data.pipeline=reference", "trainer.evaluate=all"],
@@ -50,7 +51,7 @@ def overrides(args: argparse.Namespace, output_dir: str, name: str) -> list[str]
         f"trainer.steps={args.steps}",
         f"trainer.checkpoint_freq={args.eval_every}",
         f"trainer.device={args.device}",
-        f"trainer.num_workers={os.cpu_count() if args.workers < 0 else args.workers}",
+        f"trainer.num_workers={available_cores() if args.workers < 0 else args.workers}",
         "trainer.progress=false",
         f"output_dir={output_dir}",
         f"name={name}",
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="more training overrides for both runs")
     args = parser.parse_args()
 
-    result: dict[str, Any] = {"machine": _machine(args), "settings": vars(args)}
+    result: dict[str, Any] = {"machine": machine_info(args), "settings": vars(args)}
     with tempfile.TemporaryDirectory() as out:
         run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
         for path, extra in PATHS.items():

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -23,13 +22,13 @@ import time
 import traceback
 from typing import Any
 
+import bench_algorithms  # tools/ is on sys.path when run as a script
 import torch
 
-from dgbench.backbones import build_backbone
 from dgbench.components import load_components
 from dgbench.registry import ALGORITHMS
 
-NUM_CLASSES, DOMAINS = 7, 3
+NUM_CLASSES, DOMAINS = bench_algorithms.NUM_CLASSES, 3
 DEVICE = torch.device("cuda")  # --device cpu: a smoke test of this script without a GPU
 
 
@@ -57,13 +56,8 @@ GMOE = {
 
 
 def build(name: str, backbone: dict[str, Any], batch: int) -> Any:
-    torch.manual_seed(0)
-    entry = ALGORITHMS.get(name)
-    fields = {f.name for f in dataclasses.fields(entry.config)}
-    cfg = entry.config(**({"name": name} if "name" in fields else {}))
-    if "batch_size" in fields:
-        cfg = dataclasses.replace(cfg, batch_size=batch)
-    algorithm = entry.obj(build_backbone(backbone), NUM_CLASSES, DOMAINS, cfg)
+    """`bench_algorithms.build` on `DEVICE`, with a run long enough for short schedules to switch."""
+    algorithm = bench_algorithms.build(name, backbone, DOMAINS, batch, DEVICE)
     algorithm.total_steps = 4  # short schedules: UDIM's warm-up and DomainDrop's LR step happen
     return algorithm
 
