@@ -158,8 +158,9 @@ NON_DEFINING_KEYS = (
     "logger",
     "search",  # what it draws is in the config itself
 )
-# Keys added after runs were recorded, left out of the run id while they hold these defaults: adding
-# them kept existing run ids, so a relaunched sweep still finds its finished runs.
+# Keys added after runs were recorded, left out of the run id while they hold the value that
+# reproduces those runs (the behaviour from before the key existed, not whatever the default becomes):
+# adding them kept existing run ids, so a relaunched sweep still finds its finished runs.
 OMITTED_AT_DEFAULT: dict[str, Any] = {
     "data.cache_resolution": None,
     "trainer.swad": False,
