@@ -212,12 +212,10 @@ def _train(
         num_workers=cfg.trainer.num_workers,
         skip_corrupt=skip,
         device=device,
+        skip_train_in=EvalSplits(cfg.trainer.evaluate) is EvalSplits.selection,
     )
     streams = build_streams(dataset, splits, train_envs, spec)
     iterators, eval_sources = streams.train, streams.eval
-    if EvalSplits(cfg.trainer.evaluate) is EvalSplits.selection:
-        test_names = {dataset.domains[i] for i in test_envs}
-        eval_sources = {k: v for k, v in eval_sources.items() if k[1] == "out" or k[0] in test_names}
     steps_per_epoch = min(len(splits[i][1]) / batch_size for i in train_envs)
     identity = {
         "run_id": run_dir.name,

@@ -52,6 +52,10 @@ class PipelineSpec:
     skip_corrupt: bool
     device: torch.device
     cache_resolution: int | None = None  # folder datasets' decoded-image cache; None: `resolution`
+    skip_train_in: bool = False  # no evaluation source for the training domains' `in` splits
+
+    def evaluated(self, domain: int, split: str, train_envs: Sequence[int]) -> bool:
+        return not (self.skip_train_in and split == "in" and domain in train_envs)
 
 
 def build_streams(
@@ -60,7 +64,7 @@ def build_streams(
     train_envs: Sequence[int],
     spec: PipelineSpec,
 ) -> Streams:
-    """Training streams (from `spec.start_step`) and evaluation sources for every split."""
+    """Training streams (from `spec.start_step`) and evaluation sources for the evaluated splits."""
     build = _fast if spec.pipeline == "fast" else _reference
     return build(dataset, splits, train_envs, spec)
 
@@ -90,6 +94,8 @@ def _reference(
     sources = {}
     for i, domain in enumerate(dataset.domains):
         for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
+            if not spec.evaluated(i, split, train_envs):
+                continue
             # DomainBed's quirk: the transform is attached before splitting, so a training domain's
             # `out` split is evaluated augmented. Only the `domainbed` protocol reproduces it.
             quirk = spec.augment_train_out and split == "out" and i in train_envs
@@ -115,9 +121,11 @@ def _fast(
         attach_arrays(dataset, resolution, skip_corrupt=spec.skip_corrupt)
     fast.require_arrays(dataset.domain_data, dataset.name)
     norm = (spec.resolution, spec.mean, spec.std)
+    # A training domain's `in` split feeds both its training stream and its evaluation: one copy.
+    train_in = {i: fast.FastSplit(dataset[i], splits[i][1], spec.device) for i in train_envs}
     train = [
         fast.train_batches(
-            fast.FastSplit(dataset[i], splits[i][1], spec.device),
+            train_in[i],
             spec.batch_size,
             seed_hash(spec.seed, i),
             spec.start_step,
@@ -129,8 +137,11 @@ def _fast(
     sources = {}
     for i, domain in enumerate(dataset.domains):
         for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
+            if not spec.evaluated(i, split, train_envs):
+                continue
             quirk = spec.augment_train_out and split == "out" and i in train_envs
-            data = fast.FastSplit(dataset[i], indices, spec.device)
+            shared = split == "in" and i in train_in
+            data = train_in[i] if shared else fast.FastSplit(dataset[i], indices, spec.device)
             seed = seed_hash(spec.seed, "eval", i) if quirk else None
             sources[domain, split] = partial(fast.eval_batches, data, spec.eval_batch_size, *norm, seed)
     return Streams(train, sources)
