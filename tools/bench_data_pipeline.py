@@ -230,8 +230,9 @@ def _run_phase(args: argparse.Namespace) -> dict[str, Any]:
 
 def _build_cache(args: argparse.Namespace) -> dict[str, Any]:
     """Build the cache (or find it built): seconds, bytes, and whether anything was decoded."""
+    from dgbench.data.cpu_workers import available_cores
     from dgbench.data.folder import manifest_fingerprint
-    from dgbench.data.image_cache import attach_arrays, available_cores, cache_key, cache_path
+    from dgbench.data.image_cache import attach_arrays, cache_key, cache_path
 
     dataset = _dataset(Path(args.root))
     version = manifest_fingerprint(dataset.manifest)
@@ -272,7 +273,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torchvision
 
-    from dgbench.data.image_cache import available_cores
+    from dgbench.data.cpu_workers import available_cores
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
     info = {
@@ -342,7 +343,7 @@ def main() -> None:
         print(json.dumps(_run_phase(args)))
         return
 
-    from dgbench.data.image_cache import available_cores
+    from dgbench.data.cpu_workers import available_cores
 
     args.workers = args.workers or available_cores()
     machine = machine_info(args)  # the load average before this benchmark adds its own

@@ -32,7 +32,7 @@ from typing import Any
 
 from bench_data_pipeline import PeakMemory, machine_info  # tools/ is on sys.path when run as a script
 
-from dgbench.data.image_cache import available_cores
+from dgbench.data.cpu_workers import available_cores
 
 PATHS = {
     "reference": ["data.pipeline=reference", "trainer.evaluate=all"],

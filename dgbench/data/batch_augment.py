@@ -26,8 +26,8 @@ order -> `rgb_to_grayscale(num_output_channels=3)` -> `normalize`, up to float32
   its CPU kernel does: float32 scale, double products, float32 taps), per sample, with the
   taps clamped to the box: the reference crops and *then* resizes, so an upscaled box
   replicates its own edge pixels instead of blending in the pixels just outside it. Rows then
-  columns, as index_select/gather + lerp; the flip reverses the column taps. Max error 2e-7
-  against `resized_crop` (CPU and CUDA), 0 for a whole-image box at the target size. The
+  columns, each as whole-row copies + lerp (see `_crop_resize_flip`); the flip reverses the
+  column taps. Max error 2e-7 against `resized_crop` (CPU and CUDA). The
   suggested one-op alternatives were measured and rejected: `grid_sample(align_corners=False)`
   with per-sample affine grids, and `roi_align(aligned=True, sampling_ratio=1)` (same sample
   points, clamped to the image rather than the box), are both off by up to 0.12 (of 1) at
@@ -36,13 +36,15 @@ order -> `rgb_to_grayscale(num_output_channels=3)` -> `normalize`, up to float32
   is 2-3.5x faster than this stage on one CPU thread, about a quarter of the pipeline at 224 px.
 * brightness, contrast, saturation: torchvision's `_blend`, clamp(f x + (1 - f) ref, 0, 1),
   with ref = 0, the image's mean luma (0.2989 R + 0.587 G + 0.114 B), or the pixel's luma.
-  At each of the four positions one blend runs over the batch with per-sample f and ref;
-  samples whose op there is hue get f = 1, ref = 0, an exact identity.
 * hue: torchvision's RGB -> HSV -> shift -> RGB in closed form, channel c =
-  max - (max - min) clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + 6 h) mod 6, n = (5, 3, 1),
-  applied at each position to the samples whose op is hue there; a zero shift is skipped
-  as the identity it is. Sample indices come from a CPU copy of the parameters (no copy when
-  they come from `sample_params`), so the GPU path does not sync on them.
+  max - (max - min) clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + 6 h) mod 6, n = (5, 3, 1);
+  a zero shift is skipped as the identity it is.
+* At each of the four positions each op runs once, on the samples whose op is there (a
+  gather and scatter unless that is all of them). Which samples those are comes from a CPU
+  copy of the parameters (no copy when they come from `sample_params`), so the GPU path does
+  not sync on them.
+* normalize as x (1 / std) - mean / std, one op that also transposes the image back; within
+  1e-6 of torchvision's (x - mean) / std, which `eval_batch` keeps bit for bit.
 
 Against the reference PIL path (`TrainTransform`), for the same parameters: PIL works in
 uint8 (each op rounds; contrast uses an integer mean; hue goes through 8-bit HSV) and it
@@ -56,18 +58,22 @@ here: resize them once to about the target size when PIL parity matters.
 
 A batch shares one (height, width); `sample_params` also takes (B,) height/width tensors for
 images padded into a common canvas (top-left): boxes stay inside each image's own extent, so
-padding is never read. On CPU, batches run in chunks of ~4 MiB per tensor (see `_chunk_size`).
+padding is never read. On CPU, images of 160 x 160 px and more are augmented in groups of
+samples that share a colour order, by single-threaded workers (see `augment_batch`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from dgbench.data.cpu_workers import run_on_cores
 
 # Colour-op codes in `AugmentParams.order`, as in `TrainTransform._color_jitter`.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
@@ -81,6 +87,11 @@ CROP_TRIES = 10
 
 # On CPU, batches are processed in chunks of about this many floats (4 MiB) per 3-channel tensor.
 _CPU_CHUNK_FLOATS = 1 << 20
+
+# On CPU, images of at least this many pixels are augmented in groups of at most _CPU_GROUP
+# samples by single-threaded workers, smaller ones as one batch (see `augment_batch`).
+_CPU_GROUPS_FROM = 160 * 160
+_CPU_GROUP = 8
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -218,8 +229,8 @@ def sample_params(
     )
 
 
-def _nchw(images: Tensor) -> Tensor:
-    """A (B, 3, H, W) view of a (B, H, W, 3) or (B, 3, H, W) uint8 or floating batch."""
+def _channels_last(images: Tensor) -> bool:
+    """Whether a (B, H, W, 3) or (B, 3, H, W) uint8 or floating batch is channels-last; fails otherwise."""
     if images.ndim != 4:
         raise ValueError(f"expected a (B, H, W, 3) or (B, 3, H, W) batch, got shape {tuple(images.shape)}")
     last, first = images.shape[-1] == 3, images.shape[1] == 3
@@ -229,7 +240,17 @@ def _nchw(images: Tensor) -> Tensor:
         raise ValueError(f"expected 3 channels in dim 1 or dim 3, got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"expected uint8 or floating images, got {images.dtype}")
-    return images.permute(0, 3, 1, 2) if last else images
+    return last
+
+
+def _nchw(images: Tensor) -> Tensor:
+    """A (B, 3, H, W) view of a (B, H, W, 3) or (B, 3, H, W) uint8 or floating batch."""
+    return images.permute(0, 3, 1, 2) if _channels_last(images) else images
+
+
+def _nhwc(images: Tensor) -> Tensor:
+    """A contiguous (B, H, W, 3) uint8 or floating batch (a copy only for channels-first input)."""
+    return images.contiguous() if _channels_last(images) else images.permute(0, 2, 3, 1).contiguous()
 
 
 def _scalar(value: float, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -283,30 +304,37 @@ def _source_coords(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Te
     return i0 + start[:, None], i1 + start[:, None], lam
 
 
-def _select_rows(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, C, N, M) contiguous, index (B, K) -> (B, C, K, M): per-sample rows, one index_select."""
-    b, c, n, m = x.shape
-    planes = torch.arange(b * c, device=x.device).view(b, c, 1) * n
-    flat = (planes + index[:, None, :]).flatten()
-    return x.view(b * c * n, m).index_select(0, flat).view(b, c, index.shape[1], m)
+def _lerp_rows(rows: Tensor, index0: Tensor, index1: Tensor, weight: Tensor) -> Tensor:
+    """rows[index0] + weight * (rows[index1] - rows[index0]), as float: whole-row copies, then one lerp."""
+    out = rows.index_select(0, index0).float()
+    return out.lerp_(rows.index_select(0, index1).float(), weight[:, None])
 
 
-def _crop_resize_flip(x: Tensor, params: AugmentParams, resolution: int) -> Tensor:
-    """Each sample's box of x (B, C, H, W) resized to `resolution`^2 (bilinear), flipped if asked.
+def _crop_resize_flip(src: Tensor, samples: Tensor, plan: _Plan, resolution: int) -> Tensor:
+    """The box of each image src[samples] (src: B, H, W, 3) resized to R x R (bilinear), flipped if asked.
 
-    Separable: rows first (two index_selects of whole rows, faster than gather on CPU, and a
-    lerp), then columns (two gathers along the last dim and a lerp).
+    Returns float (N, 3, R, R) in [0, 1], *transposed*: dim 2 is the output column and dim 3
+    the output row. Separable, with the taps of `_source_coords`: the image rows first, as
+    whole-row copies of the channels-last source and a lerp; then one transposing copy to
+    planar column-major, where the columns are whole rows again (copies + lerp). Row copies
+    are an order of magnitude faster on CPU than gathers along an inner dimension, and the
+    colour ops that follow do not care which way round the image is (`_write_normalized`
+    transposes it back).
     """
-    b, c = x.shape[:2]
-    y0, y1, ly = _source_coords(params.top, params.height, resolution)
-    x0, x1, lx = _source_coords(params.left, params.width, resolution)
-    # A horizontal flip of the output is the column taps in reverse order.
-    flip = params.flip[:, None]
-    x0, x1, lx = (torch.where(flip, t.flip(1), t) for t in (x0, x1, lx))
-    rows = _select_rows(x, y0).lerp_(_select_rows(x, y1), ly[:, None, :, None])  # (B, C, R, W)
-    shape = (b, c, resolution, resolution)
-    left = rows.gather(3, x0[:, None, None, :].expand(shape))
-    return left.lerp_(rows.gather(3, x1[:, None, None, :].expand(shape)), lx[:, None, None, :])
+    _, height, width, _ = src.shape
+    b, r = len(samples), resolution
+    y0, y1, ly = plan.rows
+    image_rows = (samples * height)[:, None]
+    y0, y1 = ((image_rows + t).flatten() for t in (y0, y1))
+    rows = _lerp_rows(src.reshape(-1, width * 3), y0, y1, ly.flatten())
+    columns = torch.empty(b, 3, width, r, device=src.device)
+    to_unit = 1 / 255 if src.dtype == torch.uint8 else 1.0
+    torch.mul(rows.view(b, r, width, 3).permute(0, 3, 2, 1), to_unit, out=columns)
+    x0, x1, lx = plan.columns
+    plane_rows = (torch.arange(b * 3, device=src.device) * width).view(b, 3, 1)
+    x0, x1 = ((plane_rows + t[:, None, :]).flatten() for t in (x0, x1))
+    weight = lx[:, None, :].expand(b, 3, r).flatten()
+    return _lerp_rows(columns.view(b * 3 * width, r), x0, x1, weight).view(b, 3, r, r)
 
 
 def _luma(x: Tensor) -> Tensor:
@@ -315,73 +343,177 @@ def _luma(x: Tensor) -> Tensor:
     return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
+def _blend(x: Tensor, ref: Tensor | None, f: Tensor) -> Tensor:
+    """torchvision's _blend, clamp(f x + (1 - f) ref, 0, 1), in place; ref None is black."""
+    x.mul_(f)
+    if ref is not None:
+        x.add_(ref.mul_(1 - f))
+    return x.clamp_(0, 1)
+
+
+def _brightness(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, None, f)
+
+
+def _contrast(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, _luma(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def _saturation(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, _luma(x), f)
+
+
+def _select(is_b: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """a where is_b is 0, b where it is 1 (exactly: products by 0 and 1 are exact), in a's memory."""
+    return a.mul_(1 - is_b).add_(b.mul_(is_b))
+
+
 def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     """torchvision's adjust_hue (RGB -> HSV, hue += shift mod 1, HSV -> RGB) of (N, 3, H, W) in [0, 1].
 
     Closed form: with h6 the hue in sixths of a turn, channel c is
     max - (max - min) * clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + h6) mod 6, n = (5, 3, 1)
     for (R, G, B); this is torchvision's sector table of v, p, q, t with v * s = max - min.
+    `shift` broadcasts against (N, 1, 1, 1). Comparisons and `where` are avoided: on CPU they
+    cost 10-40x an arithmetic op per element.
     """
     maxc = x.amax(dim=1, keepdim=True)
     delta = maxc - x.amin(dim=1, keepdim=True)
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     # Hue (times 6 * delta) from the first channel holding the maximum, as torchvision's masks:
-    # G - B for R, B - R + 2 delta for G, R - G + 4 delta for B (a tie gives the same hue either way).
-    h6 = torch.where(
-        maxc == r, g - b, torch.where(maxc == g, (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4))
-    )
+    # G - B for R, B - R + 2 delta for G, R - G + 4 delta for B (a tie gives the same hue either
+    # way). sign(max - c) is 0 where channel c holds the maximum and 1 elsewhere.
+    g_or_b = _select((maxc - g).sign_(), (b - r).add_(delta, alpha=2), (r - g).add_(delta, alpha=4))
+    h6 = _select((maxc - r).sign_(), g - b, g_or_b)
     # Where delta = 0 the numerator is 0 too (hue 0, as torchvision); any positive divisor works.
-    h6.div_(delta.clamp(min=1e-30)).add_(shift.view(-1, 1, 1, 1) * 6)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = h6 + n
+    h6.div_(delta.clamp(min=1e-30)).add_(shift * 6)
+    k = h6 + _HUE_OFFSETS.to(x.device)
     # k mod 6 as k - 6 floor(k / 6): the ramp below is continuous and 6-periodic, so a
     # rounding step at a multiple of 6 changes nothing (remainder() is ~10x slower on CPU).
-    k.sub_(torch.floor(k * (1 / 6)).mul_(6))
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return ramp.mul_(delta).neg_().add_(maxc).clamp_(0, 1)
+    k.sub_(k.mul(1 / 6).floor_(), alpha=6)
+    ramp = torch.minimum(k, torch.rsub(k, 4)).clamp_(0, 1)
+    return torch.addcmul(maxc, ramp, delta, value=-1).clamp_(0, 1)
 
 
-def _color_jitter(x: Tensor, params: AugmentParams, order_cpu: Tensor, hue_cpu: Tensor) -> Tensor:
-    """The four colour ops in each sample's order, one batched step per position (modifies `x`)."""
-    ones = torch.ones_like(params.hue)
-    factors = torch.stack([params.brightness, params.contrast, params.saturation, ones], 1)
+# The colour ops by code, each f(x, factor) on (N, 3, H, W) with a factor broadcasting as (N, 1, 1, 1).
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)  # n_c of `_shift_hue`, for (R, G, B)
+
+_COLOUR_OPS = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation, HUE: _shift_hue}
+
+
+@dataclass
+class _HostParams:
+    """The parameters that decide which ops run on which samples, as Python lists (no device syncs)."""
+
+    order: list[list[int]]
+    hue: list[float]
+    grayscale: list[bool]
+
+    @classmethod
+    def of(cls, params: AugmentParams) -> _HostParams:
+        return cls(params.order.tolist(), params.hue.tolist(), params.grayscale.tolist())
+
+    def take(self, samples: list[int]) -> _HostParams:
+        return _HostParams(
+            [self.order[i] for i in samples],
+            [self.hue[i] for i in samples],
+            [self.grayscale[i] for i in samples],
+        )
+
+
+@dataclass
+class _Plan:
+    """What `augment_batch` needs per sample, on the batch's device, computed once per batch.
+
+    `rows` and `columns` are the bilinear taps (i0, i1, weight), each (N, R), of
+    `_source_coords` for each box; a flip is folded in as reversed column taps. `factors` is
+    (N, 4): brightness, contrast, saturation factors and hue shift, by op code.
+    """
+
+    rows: tuple[Tensor, Tensor, Tensor]
+    columns: tuple[Tensor, Tensor, Tensor]
+    factors: Tensor
+
+    @classmethod
+    def of(cls, params: AugmentParams, resolution: int) -> _Plan:
+        columns = _source_coords(params.left, params.width, resolution)
+        flip = params.flip[:, None]
+        return cls(
+            rows=_source_coords(params.top, params.height, resolution),
+            columns=tuple(torch.where(flip, t.flip(1), t) for t in columns),  # type: ignore[arg-type]
+            factors=torch.stack([params.brightness, params.contrast, params.saturation, params.hue], dim=1),
+        )
+
+    def __getitem__(self, index: slice | Tensor) -> _Plan:
+        return _Plan(
+            tuple(t[index] for t in self.rows),  # type: ignore[arg-type]
+            tuple(t[index] for t in self.columns),  # type: ignore[arg-type]
+            self.factors[index],
+        )
+
+
+def _on(x: Tensor, samples: list[int], op: Callable[[Tensor], Tensor]) -> Tensor:
+    """op applied to the given samples of x (all of them: in place, no copies)."""
+    if len(samples) == len(x):
+        return op(x)
+    index = torch.tensor(samples, device=x.device)
+    return x.index_copy_(0, index, op(x.index_select(0, index)))
+
+
+def _color_jitter(x: Tensor, factors: Tensor, host: _HostParams) -> Tensor:
+    """The four colour ops in each sample's order: at each position, each op once on the samples taking it.
+
+    `factors` is (N, 4): brightness, contrast, saturation factors and hue shift, by op code.
+    A zero hue shift is skipped: it is the identity, and the HSV round trip would only add rounding.
+    """
     for pos in range(4):
-        op = params.order[:, pos : pos + 1]
-        f = factors.gather(1, op).view(-1, 1, 1, 1)
-        # torchvision's _blend(x, ref, f) = clamp(f * x + (1 - f) * ref, 0, 1) with ref = 0
-        # (brightness), the mean luma (contrast) or the luma (saturation). Samples whose op
-        # here is hue get f = 1, ref = 0: an exact identity.
-        host_op = order_cpu[:, pos]
-        if bool(((host_op == CONTRAST) | (host_op == SATURATION)).any()):
-            op = op.view(-1, 1, 1, 1)
-            gray = _luma(x)
-            mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-            # gray * [saturation] + mean * [contrast]: exact selection, in place.
-            ref = gray.mul_(op == SATURATION).add_(mean * (op == CONTRAST))
-            x.lerp_(ref, 1 - f)
-        else:
-            x.mul_(f)
-        x.clamp_(0, 1)
-        # Hue for the samples that take it here (a zero shift is skipped: it is the identity, and
-        # the HSV round trip would only add rounding); indices come from host copies, no sync.
-        idx = torch.nonzero((host_op == HUE) & (hue_cpu != 0)).flatten()
-        if idx.numel() == len(x):
-            x = _shift_hue(x, params.hue)
-        elif idx.numel():
-            idx = idx.to(x.device)
-            x.index_copy_(0, idx, _shift_hue(x.index_select(0, idx), params.hue.index_select(0, idx)))
+        groups: dict[int, list[int]] = {}
+        for i, order in enumerate(host.order):
+            if order[pos] != HUE or host.hue[i] != 0:
+                groups.setdefault(order[pos], []).append(i)
+        for code, samples in groups.items():
+            f = factors[:, code].view(-1, 1, 1, 1)
+            if len(samples) < len(x):
+                f = f[torch.tensor(samples, device=x.device)]
+            x = _on(x, samples, lambda part, f=f, code=code: _COLOUR_OPS[code](part, f))
     return x
 
 
-def _augment_chunk(images: Tensor, params: AugmentParams, host: AugmentParams, resolution: int) -> Tensor:
-    """`augment_batch` up to normalization; `host` is a CPU copy of `params`, for indices without syncs."""
-    x = _crop_resize_flip(_to_float(images), params, resolution)
-    x = _color_jitter(x, params, host.order, host.hue)
-    idx = torch.nonzero(host.grayscale).flatten()
-    if idx.numel():
-        idx = idx.to(x.device)
-        x.index_copy_(0, idx, _luma(x.index_select(0, idx)).expand(-1, 3, -1, -1))
-    return x
+def _grayscale(x: Tensor, host: _HostParams) -> Tensor:
+    samples = [i for i, gray in enumerate(host.grayscale) if gray]
+    return _on(x, samples, lambda part: part.copy_(_luma(part).expand_as(part))) if samples else x
+
+
+def _normalization(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, ...]:
+    """(scale, offset), each (1, 3, 1, 1): (x - mean) / std as x * scale + offset (within 1 ulp)."""
+    inv_std = 1 / torch.as_tensor(std, dtype=torch.float64)
+    offset = -torch.as_tensor(mean, dtype=torch.float64) * inv_std
+    return inv_std.float().to(device).view(1, 3, 1, 1), offset.float().to(device).view(1, 3, 1, 1)
+
+
+def _augment_into(
+    out: Tensor,
+    src: Tensor,
+    samples: Tensor,
+    plan: _Plan,
+    host: _HostParams,
+    resolution: int,
+    normalization: tuple[Tensor, ...],
+) -> None:
+    """Augment src[samples] (src: B, H, W, 3) into out (N, 3, R, R); `plan` and `host` are the samples'."""
+    x = _crop_resize_flip(src, samples, plan, resolution)
+    x = _grayscale(_color_jitter(x, plan.factors, host), host)
+    scale, offset = normalization
+    torch.addcmul(offset, x.transpose(2, 3), scale, out=out)  # x^T transposes the image back
+
+
+def _same_colour_order(host: _HostParams, most: int) -> list[list[int]]:
+    """The samples grouped by colour-op order (at most `most` per group), largest groups first."""
+    by_order: dict[tuple[int, ...], list[int]] = {}
+    for i, order in enumerate(host.order):
+        by_order.setdefault(tuple(order), []).append(i)
+    groups = [g[s : s + most] for g in by_order.values() for s in range(0, len(g), most)]
+    return sorted(groups, key=len, reverse=True)
 
 
 def augment_batch(
@@ -396,21 +528,37 @@ def augment_batch(
     Crop + bilinear resize of each sample's box, horizontal flip, the four colour ops in each
     sample's order (clamped to [0, 1] after each), grayscale, then (x - mean) / std. Runs on
     `images.device`; `params` are moved there. Floating inputs are taken as [0, 1] images.
+
+    On an accelerator the whole batch goes through one kernel sequence. On CPU the batch is
+    split into groups of samples that share their colour-op order (so no op needs a gather or
+    scatter), of at most `_CPU_GROUP` samples, and the groups are shared among single-threaded
+    workers, one per usable core (`dgbench.data.cpu_workers`): each op then works on data in
+    its core's cache and pays no fork-join (measured by `tools/bench_batch_augment.py`).
     """
-    src = _nchw(images)
-    batch, _, height, width = src.shape
+    src = _nhwc(images)
+    batch = src.shape[0]
     if len(params) != batch:
         raise ValueError(f"{len(params)} parameter sets for a batch of {batch} images")
-    p = params.to(src.device)
-    host = params.to("cpu")
-    step = _chunk_size(batch, 3 * max(height * width, resolution * resolution), src.device)
-    if step >= batch:
-        return _normalize(_augment_chunk(src, p, host, resolution), mean, std)
     out = torch.empty(batch, 3, resolution, resolution, device=src.device)
-    for s in range(0, batch, step):
-        chunk = slice(s, s + step)
-        out[chunk] = _augment_chunk(src[chunk], p[chunk], host[chunk], resolution)
-    return _normalize(out, mean, std)
+    plan = _Plan.of(params.to(src.device), resolution)
+    host = _HostParams.of(params)
+    normalization = _normalization(mean, std, src.device)
+    if src.device.type != "cpu" or resolution * resolution < _CPU_GROUPS_FROM:
+        _augment_into(out, src, torch.arange(batch, device=src.device), plan, host, resolution, normalization)
+        return out
+    groups = _same_colour_order(host, _CPU_GROUP)
+    ranked = torch.tensor([i for group in groups for i in group])
+    plan = plan[ranked]  # each group's rows are now a slice: no per-group gathers
+    bounds = list(itertools.accumulate((len(g) for g in groups), initial=0))
+
+    def augment_group(at: int) -> None:
+        rows = slice(bounds[at], bounds[at + 1])
+        part = torch.empty(len(groups[at]), 3, resolution, resolution)
+        _augment_into(part, src, ranked[rows], plan[rows], host.take(groups[at]), resolution, normalization)
+        out.index_copy_(0, ranked[rows], part)  # the groups' rows are disjoint: safe from every worker
+
+    run_on_cores(augment_group, range(len(groups)))
+    return out
 
 
 def eval_batch(images: Tensor, resolution: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:

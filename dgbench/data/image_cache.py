@@ -64,6 +64,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dgbench.atomic import atomic_write_json
+from dgbench.data.cpu_workers import available_cores
 from dgbench.data.folder import FolderDataset, FolderDomain, manifest_fingerprint, read_image
 from dgbench.data.index_cache import CACHE_ENV, cache_dir
 from dgbench.errors import DataError
@@ -178,14 +179,6 @@ def decode_image(path: str, resolution: int) -> np.ndarray:
     """One cache row: the image as RGB, squashed to resolution x resolution as EvalTransform does."""
     image = read_image(path).resize((resolution, resolution), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- building
