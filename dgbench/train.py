@@ -326,7 +326,7 @@ def averaged_record(
     return {**record, "algorithm": label, "loss": val_loss, "metrics": {"val_loss": val_loss}, "acc": acc}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _evaluate(
     algorithm: Algorithm,
     sources: dict[tuple[str, str], Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor, int]]]],
@@ -334,8 +334,9 @@ def _evaluate(
     memory_format: torch.memory_format,
     autocast: AbstractContextManager[Any],
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], int]:
-    """Accuracy and mean cross-entropy of the `in` and `out` split of every domain, in large no-grad
-    batches. Also returns how many unreadable images were skipped (`data.skip_corrupt`).
+    """Accuracy and mean cross-entropy of the `in` and `out` split of every domain, in large batches
+    under inference mode (no autograd bookkeeping at all, not even version counters). Also returns
+    how many unreadable images were skipped (`data.skip_corrupt`).
     """
     algorithm.eval()
     acc: dict[str, dict[str, float]] = defaultdict(dict)
