@@ -80,7 +80,9 @@ class TrainerConfig:
     steps: int | None = None  # training steps; default: the dataset's (DomainBed: 5001)
     checkpoint_freq: int | None = None  # evaluate + checkpoint every N steps; default: the dataset's
     device: Device = Device.auto  # auto: CUDA when available, else CPU
-    num_workers: int = 0  # DataLoader worker processes per training domain and for evaluation
+    # DataLoader worker processes per training domain and for evaluation (data.pipeline=reference);
+    # default: sized to the usable cores for datasets read from files, none for in-memory ones.
+    num_workers: int | None = None
     eval_batch_size: int = 256
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
