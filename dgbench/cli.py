@@ -26,7 +26,7 @@ USAGE = """usage: dgbench <command> [args]
 commands:
   train [overrides...]              train one run (Hydra app: -m for multirun, --cfg job, --help)
   list [algorithms|datasets|backbones]  registered components with their hparams and defaults
-  data list|info|download|verify|split  obtain, inspect and audit datasets (dgbench data -h)
+  data list|info|download|verify|split|cache  obtain, inspect, audit and cache datasets (dgbench data -h)
   sweep NAME [key=value...] [--dry-run]  run sweeps/NAME.yaml as Hydra multiruns, then print the tables
   status DIR...                     runs under DIR: done, failed, running or dead; remaining compute
   results DIR... [--selection iid,lodo,oracle] [--format terminal|markdown|latex|csv|json]

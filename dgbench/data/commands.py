@@ -1,4 +1,4 @@
-"""`dgbench data list|info|download|verify|split`: obtain, inspect and audit datasets.
+"""`dgbench data list|info|download|verify|split|cache`: obtain, inspect and audit datasets.
 
 `--root` is the data root, the folder that holds `PACS/`, `VLCS/`, `domain_net/`...
 (default: `$DGBENCH_DATA`, else `./data`), the same one training reads through
@@ -63,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--holdout-fraction", type=float, default=0.2)
     sub.add_argument("--format", choices=("json", "text"), default="json")
     sub.set_defaults(run=_split)
+
+    sub = commands.add_parser(
+        "cache", help="decode a dataset once into the image cache that data.pipeline=fast reads"
+    )
+    sub.add_argument("name")
+    sub.add_argument("--root", help=root_help)
+    sub.add_argument("--resolution", type=int, help="side in px (default: the dataset's, as training)")
+    sub.add_argument("--workers", type=int, help="decoding processes (default: the usable cores)")
+    sub.set_defaults(run=_cache)
     return parser
 
 
@@ -194,17 +203,22 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-# ---------------------------------------------------------------- split
+# ---------------------------------------------------------------- split / cache
 
 
-def _split(args: argparse.Namespace) -> int:
+def _dataset(args: argparse.Namespace) -> Any:
     from dgbench.components import load_components
-    from dgbench.data.splits import split_indices
     from dgbench.registry import DATASETS
 
     load_components()
     entry = DATASETS.get(args.name)
-    dataset = entry.obj(entry.config(name=args.name, root=args.root))
+    return entry.obj(entry.config(name=args.name, root=args.root))
+
+
+def _split(args: argparse.Namespace) -> int:
+    from dgbench.data.splits import split_indices
+
+    dataset = _dataset(args)
     out = {}
     for index, domain in enumerate(dataset):
         held_out, _ = split_indices(len(domain), args.holdout_fraction, args.trial_seed, index)
@@ -215,4 +229,30 @@ def _split(args: argparse.Namespace) -> int:
     else:
         for domain, ids in out.items():
             print("\n".join(f"{domain}/{i}" for i in ids))
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    """Build (or find and verify) the decoded-image cache of every domain, as a training run would."""
+    from dgbench.data.folder import FolderDataset
+    from dgbench.data.image_cache import attach_arrays
+
+    dataset = _dataset(args)
+    if not isinstance(dataset, FolderDataset):
+        raise ConfigError(f"{args.name} is held in memory already: data.pipeline=fast needs no cache for it")
+    resolution = args.resolution or dataset.resolution
+    attach_arrays(dataset, resolution, skip_corrupt=True, workers=args.workers)
+    unreadable = 0
+    for domain in dataset.domain_data:
+        arrays = domain.arrays
+        unreadable += len(domain.unreadable)
+        print(
+            f"{domain.name}: {len(arrays):,} images at {resolution} px, {arrays.nbytes / 1e9:.2f} GB, "
+            f"{len(domain.unreadable)} unreadable: {arrays.filename}"
+        )
+    if unreadable:
+        print(
+            f"{unreadable} unreadable images: training stops on them unless data.skip_corrupt=true; "
+            f"`dgbench data verify {args.name} --decode` lists them"
+        )
     return 0

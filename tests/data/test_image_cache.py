@@ -428,6 +428,36 @@ def test_train_runs_end_to_end_with_the_fast_pipeline_on_a_folder_dataset(
     assert again.record is not None and again.record["step"] == 4
 
 
+def test_data_cache_command_builds_what_training_then_reads(
+    fake_pacs: Path, decodes: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dgbench.data import commands
+
+    bad = fake_pacs / "PACS" / "photo" / "dog" / "0.jpg"
+    bad.write_bytes(b"not an image")
+    args = ["cache", "pacs", "--root", str(fake_pacs), "--resolution", "12", "--workers", "1"]
+    assert commands.main(args) == 0
+    out = capsys.readouterr().out
+    for domain in PACS_DOMAINS:
+        unreadable = 1 if domain == "photo" else 0
+        assert f"{domain}: {2 * len(PACS_CLASSES)} images at 12 px, " in out
+        assert f"{unreadable} unreadable: " in out.split(f"{domain}: ")[1].splitlines()[0]
+    assert "1 unreadable images" in out and "dgbench data verify pacs --decode" in out
+    built = len(decodes)
+    assert built == 4 * 2 * len(PACS_CLASSES)
+    dataset = FolderDataset(fake_pacs / "PACS", "pacs")
+    attach_arrays(dataset, 12, skip_corrupt=True)  # what a run with data.resolution=12 opens
+    assert len(decodes) == built  # nothing decoded again
+
+
+def test_data_cache_command_refuses_in_memory_datasets(capsys: pytest.CaptureFixture[str]) -> None:
+    from dgbench.data import commands
+    from dgbench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="embedded is held in memory"):
+        commands.main(["cache", "embedded"])
+
+
 @pytest.mark.parametrize("broken", [False, True])
 def test_without_augmentation_fast_and_reference_runs_agree(fake_pacs: Path, make_cfg, broken: bool) -> None:
     """Same batches (the cache holds exactly the reference eval resize): the same final record.
