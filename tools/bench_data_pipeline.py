@@ -2,7 +2,7 @@
 
 reference: PIL decode + DomainBed's torchvision augmentation per image, in DataLoader workers, one
     loader per training domain, exactly as the trainer builds them (`SplitView` + `train_loader`,
-    `--workers` per loader, default: the usable cores, i.e. `trainer.num_workers=<cores>`).
+    `--workers` per loader, default: the trainer's, `dgbench.data.pipeline.loader_workers`).
 fast: the decoded-image cache (`dgbench.data.image_cache`, memory-mapped uint8 at 224 px) +
     row gathers + `batch_augment.augment_batch` on `--device` (`dgbench.data.fast.train_batches`).
 
@@ -128,13 +128,16 @@ def _setup(args: argparse.Namespace) -> tuple[Any, list[int], list[tuple[Any, An
     return dataset, train_envs, splits
 
 
-def _reference_stream(args: argparse.Namespace, device: Any) -> Callable[[], int]:
-    """One training step's batches from the trainer's reference loaders; returns the images delivered."""
+def _reference_stream(args: argparse.Namespace, device: Any) -> tuple[Callable[[], int], int]:
+    """One training step's batches from the trainer's reference loaders (returning the images delivered),
+    and the workers per loader."""
     from dgbench.data.loaders import SplitView, train_loader
+    from dgbench.data.pipeline import loader_workers
     from dgbench.data.transforms import train_transform
     from dgbench.hparams import seed_hash
 
     dataset, train_envs, splits = _setup(args)
+    workers, _ = loader_workers(args.workers, dataset, len(train_envs))
     transform = train_transform(args.resolution, MEAN, STD, augment=True)
     pin = device.type == "cuda"
     loaders = [
@@ -144,7 +147,7 @@ def _reference_stream(args: argparse.Namespace, device: Any) -> Callable[[], int
                 args.batch,
                 seed_hash(SEED, i),
                 0,
-                args.workers,
+                workers,
                 pin,
             )
         )
@@ -155,7 +158,7 @@ def _reference_stream(args: argparse.Namespace, device: Any) -> Callable[[], int
         batches = [next(it)[0].to(device, non_blocking=True) for it in loaders]
         return sum(len(x) for x in batches)
 
-    return step
+    return step, workers
 
 
 def _fast_stream(
@@ -218,7 +221,8 @@ def _run_phase(args: argparse.Namespace) -> dict[str, Any]:
         if args.phase == "build":
             result = _build_cache(args)
         elif args.phase == "reference":
-            result = _timed(_reference_stream(args, device), args, device)
+            step, workers = _reference_stream(args, device)
+            result = {**_timed(step, args, device), "workers": workers}
         else:
             step, opened = _fast_stream(args, device)
             result = {**_timed(step, args, device), "cache_open_s": round(opened, 3)}
@@ -302,7 +306,7 @@ def _report(result: dict[str, Any]) -> str:
         f"numpy {m['numpy']}, torch threads {m['torch_threads']}",
         f"PACS, training domains = all but {s['test_env']}, {s['domains']} x {s['batch']} images per step at "
         f"{s['resolution']} px, DomainBed augmentation, device {s['device']}, {s['steps']} timed steps after "
-        f"{s['warmup']}, reference DataLoader workers {s['workers']} per loader",
+        f"{s['warmup']}, reference DataLoader workers {ref['workers']} per loader",
         f"cache: {'built' if build['built'] else 'already built'} in {build['seconds']:.1f} s "
         f"({build['images']} images, {build['bytes'] / 1e9:.2f} GB, pool of {build['pool_workers']}; "
         f"peak RSS {build['peak_memory']['rss_mb']:.0f} MB, PSS {build['peak_memory']['pss_mb']:.0f} MB); "
@@ -332,7 +336,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=0, help="reference workers per loader (0: the cores)")
+    parser.add_argument("--workers", type=int, help="reference workers per loader (default: the trainer's)")
     parser.add_argument(
         "--rebuild", action="store_true", help="time a cache build from scratch (temp folder)"
     )
@@ -343,9 +347,6 @@ def main() -> None:
         print(json.dumps(_run_phase(args)))
         return
 
-    from dgbench.data.cpu_workers import available_cores
-
-    args.workers = args.workers or available_cores()
     machine = machine_info(args)  # the load average before this benchmark adds its own
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="dgbench-bench-cache-") as scratch:
@@ -366,7 +367,7 @@ def main() -> None:
             "device": args.device,
             "steps": args.steps,
             "warmup": args.warmup,
-            "workers": args.workers,
+            "workers": args.workers,  # None: the trainer's default, `reference.workers`
         },
         "cache_build": build,
         "reference": reference,

@@ -3,8 +3,9 @@
 Both runs are the real CLI on the same dataset, backbone, batch and steps, each in its own
 process (so each peak host memory, summed over the process and its loader workers, is its own):
 
-    reference: data.pipeline=reference (PIL + torchvision per image in DataLoader workers,
-               trainer.num_workers=<cores>), trainer.evaluate=all
+    reference: data.pipeline=reference (PIL + torchvision per image in DataLoader workers, as many
+               as the trainer's default gives: `dgbench.data.pipeline.loader_workers`),
+               trainer.evaluate=all
     fast:      data.pipeline=fast (decoded-image cache + batched augmentation on the device),
                trainer.evaluate=selection (only the splits model selection reads)
 
@@ -32,8 +33,6 @@ from typing import Any
 
 from bench_data_pipeline import PeakMemory, machine_info  # tools/ is on sys.path when run as a script
 
-from dgbench.data.cpu_workers import available_cores
-
 PATHS = {
     "reference": ["data.pipeline=reference", "trainer.evaluate=all"],
     "fast": ["data.pipeline=fast", "trainer.evaluate=selection"],
@@ -51,10 +50,10 @@ def overrides(args: argparse.Namespace, output_dir: str, name: str) -> list[str]
         f"trainer.steps={args.steps}",
         f"trainer.checkpoint_freq={args.eval_every}",
         f"trainer.device={args.device}",
-        f"trainer.num_workers={available_cores() if args.workers < 0 else args.workers}",
         "trainer.progress=false",
         f"output_dir={output_dir}",
         f"name={name}",
+        *([] if args.workers is None else [f"trainer.num_workers={args.workers}"]),
         *args.extra,
     ]
 
@@ -92,7 +91,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32, help="images per training domain")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=-1, help="reference loader workers (-1: cores)")
+    parser.add_argument("--workers", type=int, help="loader workers per loader (default: the trainer's)")
     parser.add_argument("--json", default="")
     parser.add_argument("extra", nargs="*", help="more training overrides for both runs")
     args = parser.parse_args()
