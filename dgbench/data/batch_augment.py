@@ -40,9 +40,9 @@ order -> `rgb_to_grayscale(num_output_channels=3)` -> `normalize`, up to float32
   max - (max - min) clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + 6 h) mod 6, n = (5, 3, 1);
   a zero shift is skipped as the identity it is.
 * At each of the four positions each op runs once, on the samples whose op is there (a
-  gather and scatter unless that is all of them). Which samples those are comes from a CPU
-  copy of the parameters (no copy when they come from `sample_params`), so the GPU path does
-  not sync on them.
+  gather and scatter unless that is all of them). Which samples those are is decided on the
+  host from a CPU copy of the parameters (`_Schedule`), and their indices reach the device in
+  one copy per batch.
 * normalize as x (1 / std) - mean / std, one op that also transposes the image back; within
   1e-6 of torchvision's (x - mean) / std, which `eval_batch` keeps bit for bit.
 
@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -77,6 +77,7 @@ from dgbench.data.cpu_workers import run_on_cores
 
 # Colour-op codes in `AugmentParams.order`, as in `TrainTransform._color_jitter`.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+GRAYSCALE = 4  # not a colour-jitter op: RandomGrayscale, after them (`_Schedule`)
 
 CROP_SCALE = (0.7, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -452,36 +453,58 @@ class _Plan:
         )
 
 
-def _on(x: Tensor, samples: list[int], op: Callable[[Tensor], Tensor]) -> Tensor:
-    """op applied to the given samples of x (all of them: in place, no copies)."""
-    if len(samples) == len(x):
-        return op(x)
-    index = torch.tensor(samples, device=x.device)
-    return x.index_copy_(0, index, op(x.index_select(0, index)))
+def _grayscale(x: Tensor, _: Tensor | None) -> Tensor:
+    return x.copy_(_luma(x).expand_as(x))
 
 
-def _color_jitter(x: Tensor, factors: Tensor, host: _HostParams) -> Tensor:
-    """The four colour ops in each sample's order: at each position, each op once on the samples taking it.
+@dataclass
+class _Schedule:
+    """Which op runs on which samples, in order: the colour ops position by position, then grayscale.
 
-    `factors` is (N, 4): brightness, contrast, saturation factors and hue shift, by op code.
+    Decided on the host from `_HostParams`. Each step is (op code, rows of `index` holding its
+    samples, or None for all samples); `index` is every partial step's samples concatenated and
+    copied to the device once, so the steps need no host-to-device copy (and no sync) of their own.
     A zero hue shift is skipped: it is the identity, and the HSV round trip would only add rounding.
     """
-    for pos in range(4):
-        groups: dict[int, list[int]] = {}
-        for i, order in enumerate(host.order):
-            if order[pos] != HUE or host.hue[i] != 0:
-                groups.setdefault(order[pos], []).append(i)
-        for code, samples in groups.items():
-            f = factors[:, code].view(-1, 1, 1, 1)
-            if len(samples) < len(x):
-                f = f[torch.tensor(samples, device=x.device)]
-            x = _on(x, samples, lambda part, f=f, code=code: _COLOUR_OPS[code](part, f))
+
+    steps: list[tuple[int, slice | None]]
+    index: Tensor | None
+
+    @classmethod
+    def of(cls, host: _HostParams, device: torch.device) -> _Schedule:
+        steps: list[tuple[int, slice | None]] = []
+        flat: list[int] = []
+
+        def add(code: int, samples: list[int]) -> None:
+            if len(samples) == len(host.order):
+                steps.append((code, None))
+            elif samples:
+                steps.append((code, slice(len(flat), len(flat) + len(samples))))
+                flat.extend(samples)
+
+        for pos in range(4):
+            groups: dict[int, list[int]] = {}
+            for i, order in enumerate(host.order):
+                if order[pos] != HUE or host.hue[i] != 0:
+                    groups.setdefault(order[pos], []).append(i)
+            for code, samples in groups.items():
+                add(code, samples)
+        add(GRAYSCALE, [i for i, gray in enumerate(host.grayscale) if gray])
+        index = torch.tensor(flat).to(device, non_blocking=True) if flat else None
+        return cls(steps, index)
+
+
+def _colour(x: Tensor, factors: Tensor, schedule: _Schedule) -> Tensor:
+    """The schedule's ops on x (N, 3, H, W); `factors` (N, 4) by op code (see `_Plan`)."""
+    for code, rows in schedule.steps:
+        op = _grayscale if code == GRAYSCALE else _COLOUR_OPS[code]
+        f = None if code == GRAYSCALE else factors[:, code].view(-1, 1, 1, 1)
+        if rows is None:
+            x = op(x, f)
+            continue
+        index = schedule.index[rows]  # type: ignore[index]
+        x.index_copy_(0, index, op(x.index_select(0, index), None if f is None else f[index]))
     return x
-
-
-def _grayscale(x: Tensor, host: _HostParams) -> Tensor:
-    samples = [i for i, gray in enumerate(host.grayscale) if gray]
-    return _on(x, samples, lambda part: part.copy_(_luma(part).expand_as(part))) if samples else x
 
 
 def _normalization(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, ...]:
@@ -502,7 +525,7 @@ def _augment_into(
 ) -> None:
     """Augment src[samples] (src: B, H, W, 3) into out (N, 3, R, R); `plan` and `host` are the samples'."""
     x = _crop_resize_flip(src, samples, plan, resolution)
-    x = _grayscale(_color_jitter(x, plan.factors, host), host)
+    x = _colour(x, plan.factors, _Schedule.of(host, src.device))
     scale, offset = normalization
     torch.addcmul(offset, x.transpose(2, 3), scale, out=out)  # x^T transposes the image back
 
