@@ -264,7 +264,9 @@ def _build_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 def _child(phase: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
     forwarded = [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("json", "phase", "rebuild")
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
+        if k not in ("json", "phase", "rebuild") and v is not None
     ]
     command = [sys.executable, __file__, f"--phase={phase}", *forwarded]
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
