@@ -86,7 +86,7 @@ FLIP_P = 0.5
 GRAYSCALE_P = 0.1
 CROP_TRIES = 10
 
-# On CPU, batches are processed in chunks of about this many floats (4 MiB) per 3-channel tensor.
+# On CPU, `eval_batch` processes batches in chunks of about this many floats (4 MiB) per 3-channel tensor.
 _CPU_CHUNK_FLOATS = 1 << 20
 
 # On CPU, images of at least this many pixels are augmented in groups of at most _CPU_GROUP
@@ -369,6 +369,9 @@ def _select(is_b: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return a.mul_(1 - is_b).add_(b.mul_(is_b))
 
 
+_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)  # n_c of `_shift_hue`, for (R, G, B)
+
+
 def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     """torchvision's adjust_hue (RGB -> HSV, hue += shift mod 1, HSV -> RGB) of (N, 3, H, W) in [0, 1].
 
@@ -397,8 +400,6 @@ def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
 
 
 # The colour ops by code, each f(x, factor) on (N, 3, H, W) with a factor broadcasting as (N, 1, 1, 1).
-_HUE_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)  # n_c of `_shift_hue`, for (R, G, B)
-
 _COLOUR_OPS = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation, HUE: _shift_hue}
 
 
