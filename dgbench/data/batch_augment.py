@@ -319,8 +319,8 @@ def _crop_resize_flip(src: Tensor, samples: Tensor, plan: _Plan, resolution: int
     whole-row copies of the channels-last source and a lerp; then one transposing copy to
     planar column-major, where the columns are whole rows again (copies + lerp). Row copies
     are an order of magnitude faster on CPU than gathers along an inner dimension, and the
-    colour ops that follow do not care which way round the image is (`_write_normalized`
-    transposes it back).
+    colour ops that follow do not care which way round the image is (the normalisation in
+    `_augment_into` transposes it back).
     """
     _, height, width, _ = src.shape
     b, r = len(samples), resolution
@@ -399,10 +399,6 @@ def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     return torch.addcmul(maxc, ramp, delta, value=-1).clamp_(0, 1)
 
 
-# The colour ops by code, each f(x, factor) on (N, 3, H, W) with a factor broadcasting as (N, 1, 1, 1).
-_COLOUR_OPS = {BRIGHTNESS: _brightness, CONTRAST: _contrast, SATURATION: _saturation, HUE: _shift_hue}
-
-
 @dataclass
 class _HostParams:
     """The parameters that decide which ops run on which samples, as Python lists (no device syncs)."""
@@ -458,6 +454,17 @@ def _grayscale(x: Tensor, _: Tensor | None) -> Tensor:
     return x.copy_(_luma(x).expand_as(x))
 
 
+# The ops by code, each f(x, factor) on (N, 3, H, W) with a factor broadcasting as (N, 1, 1, 1)
+# (grayscale takes none).
+_OPS = {
+    BRIGHTNESS: _brightness,
+    CONTRAST: _contrast,
+    SATURATION: _saturation,
+    HUE: _shift_hue,
+    GRAYSCALE: _grayscale,
+}
+
+
 @dataclass
 class _Schedule:
     """Which op runs on which samples, in order: the colour ops position by position, then grayscale.
@@ -498,7 +505,7 @@ class _Schedule:
 def _colour(x: Tensor, factors: Tensor, schedule: _Schedule) -> Tensor:
     """The schedule's ops on x (N, 3, H, W); `factors` (N, 4) by op code (see `_Plan`)."""
     for code, rows in schedule.steps:
-        op = _grayscale if code == GRAYSCALE else _COLOUR_OPS[code]
+        op = _OPS[code]
         f = None if code == GRAYSCALE else factors[:, code].view(-1, 1, 1, 1)
         if rows is None:
             x = op(x, f)

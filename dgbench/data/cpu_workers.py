@@ -24,7 +24,6 @@ import torch
 T = TypeVar("T")
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 _lock = threading.Lock()
 
 
@@ -44,14 +43,14 @@ def _single_threaded(started: threading.Barrier) -> None:
     started.wait()
 
 
-def _workers() -> tuple[ThreadPoolExecutor | None, int]:
-    """The process's worker pool and its size; (None, 1) on a single core."""
-    global _pool, _pool_size
+def _workers() -> ThreadPoolExecutor | None:
+    """The process's worker pool, one thread per usable core; None on a single core."""
+    global _pool
     with _lock:
         if _pool is None:
             size = available_cores()
             if size <= 1:
-                return None, 1
+                return None
             callers_threads = torch.get_num_threads()
             started = threading.Barrier(size + 1)
             pool = ThreadPoolExecutor(size, "dgbench-cpu", initializer=_single_threaded, initargs=(started,))
@@ -61,14 +60,14 @@ def _workers() -> tuple[ThreadPoolExecutor | None, int]:
             # set_num_threads(1) in the workers also changed the count that new threads start
             # from; restore it (this thread's own count never changed).
             torch.set_num_threads(callers_threads)
-            _pool, _pool_size = pool, size
-        return _pool, _pool_size
+            _pool = pool
+        return _pool
 
 
 def _forget_pool() -> None:
     """In a forked child the parent's worker threads do not exist: start afresh on first use."""
-    global _pool, _pool_size, _lock
-    _pool, _pool_size, _lock = None, 0, threading.Lock()
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pool)
@@ -80,7 +79,7 @@ def run_on_cores(work: Callable[[T], None], items: Sequence[T]) -> None:
     Each worker takes the next item when it finishes one, so put the largest first. An exception
     in any item is re-raised here.
     """
-    pool, _ = _workers()
+    pool = _workers()
     if pool is None or len(items) <= 1:
         for item in items:
             work(item)
