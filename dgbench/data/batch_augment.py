@@ -58,13 +58,14 @@ here: resize them once to about the target size when PIL parity matters.
 
 A batch shares one (height, width); `sample_params` also takes (B,) height/width tensors for
 images padded into a common canvas (top-left): boxes stay inside each image's own extent, so
-padding is never read. On CPU, images of 160 x 160 px and more are augmented in groups of
-samples that share a colour order, by single-threaded workers (see `augment_batch`).
+padding is never read.
+
+On CPU the same arithmetic, op for op, runs compiled image by image (`dgbench.data.cpu_augment`);
+the batched ops above serve accelerators, and the tests hold the two to float32 rounding.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -72,8 +73,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from dgbench.data.cpu_workers import run_on_cores
 
 # Colour-op codes in `AugmentParams.order`, as in `TrainTransform._color_jitter`.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
@@ -88,11 +87,6 @@ CROP_TRIES = 10
 
 # On CPU, `eval_batch` processes batches in chunks of about this many floats (4 MiB) per 3-channel tensor.
 _CPU_CHUNK_FLOATS = 1 << 20
-
-# On CPU, images of at least this many pixels are augmented in groups of at most _CPU_GROUP
-# samples by single-threaded workers, smaller ones as one batch (see `augment_batch`).
-_CPU_GROUPS_FROM = 160 * 160
-_CPU_GROUP = 8
 
 # ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -311,8 +305,8 @@ def _lerp_rows(rows: Tensor, index0: Tensor, index1: Tensor, weight: Tensor) -> 
     return out.lerp_(rows.index_select(0, index1).float(), weight[:, None])
 
 
-def _crop_resize_flip(src: Tensor, samples: Tensor, plan: _Plan, resolution: int) -> Tensor:
-    """The box of each image src[samples] (src: B, H, W, 3) resized to R x R (bilinear), flipped if asked.
+def _crop_resize_flip(src: Tensor, plan: _Plan, resolution: int) -> Tensor:
+    """The box of each image of src (B, H, W, 3) resized to R x R (bilinear), flipped if asked.
 
     Returns float (N, 3, R, R) in [0, 1], *transposed*: dim 2 is the output column and dim 3
     the output row. Separable, with the taps of `_source_coords`: the image rows first, as
@@ -320,12 +314,12 @@ def _crop_resize_flip(src: Tensor, samples: Tensor, plan: _Plan, resolution: int
     planar column-major, where the columns are whole rows again (copies + lerp). Row copies
     are an order of magnitude faster on CPU than gathers along an inner dimension, and the
     colour ops that follow do not care which way round the image is (the normalisation in
-    `_augment_into` transposes it back).
+    `_augment_tensors` transposes it back).
     """
-    _, height, width, _ = src.shape
-    b, r = len(samples), resolution
+    b, height, width, _ = src.shape
+    r = resolution
     y0, y1, ly = plan.rows
-    image_rows = (samples * height)[:, None]
+    image_rows = (torch.arange(b, device=src.device) * height)[:, None]
     y0, y1 = ((image_rows + t).flatten() for t in (y0, y1))
     rows = _lerp_rows(src.reshape(-1, width * 3), y0, y1, ly.flatten())
     columns = torch.empty(b, 3, width, r, device=src.device)
@@ -411,13 +405,6 @@ class _HostParams:
     def of(cls, params: AugmentParams) -> _HostParams:
         return cls(params.order.tolist(), params.hue.tolist(), params.grayscale.tolist())
 
-    def take(self, samples: list[int]) -> _HostParams:
-        return _HostParams(
-            [self.order[i] for i in samples],
-            [self.hue[i] for i in samples],
-            [self.grayscale[i] for i in samples],
-        )
-
 
 @dataclass
 class _Plan:
@@ -440,13 +427,6 @@ class _Plan:
             rows=_source_coords(params.top, params.height, resolution),
             columns=tuple(torch.where(flip, t.flip(1), t) for t in columns),  # type: ignore[arg-type]
             factors=torch.stack([params.brightness, params.contrast, params.saturation, params.hue], dim=1),
-        )
-
-    def __getitem__(self, index: slice | Tensor) -> _Plan:
-        return _Plan(
-            tuple(t[index] for t in self.rows),  # type: ignore[arg-type]
-            tuple(t[index] for t in self.columns),  # type: ignore[arg-type]
-            self.factors[index],
         )
 
 
@@ -522,31 +502,6 @@ def _normalization(mean: Sequence[float], std: Sequence[float], device: torch.de
     return inv_std.float().to(device).view(1, 3, 1, 1), offset.float().to(device).view(1, 3, 1, 1)
 
 
-def _augment_into(
-    out: Tensor,
-    src: Tensor,
-    samples: Tensor,
-    plan: _Plan,
-    host: _HostParams,
-    resolution: int,
-    normalization: tuple[Tensor, ...],
-) -> None:
-    """Augment src[samples] (src: B, H, W, 3) into out (N, 3, R, R); `plan` and `host` are the samples'."""
-    x = _crop_resize_flip(src, samples, plan, resolution)
-    x = _colour(x, plan.factors, _Schedule.of(host, src.device))
-    scale, offset = normalization
-    torch.addcmul(offset, x.transpose(2, 3), scale, out=out)  # x^T transposes the image back
-
-
-def _same_colour_order(host: _HostParams, most: int) -> list[list[int]]:
-    """The samples grouped by colour-op order (at most `most` per group), largest groups first."""
-    by_order: dict[tuple[int, ...], list[int]] = {}
-    for i, order in enumerate(host.order):
-        by_order.setdefault(tuple(order), []).append(i)
-    groups = [g[s : s + most] for g in by_order.values() for s in range(0, len(g), most)]
-    return sorted(groups, key=len, reverse=True)
-
-
 def augment_batch(
     images: Tensor,
     params: AugmentParams,
@@ -560,36 +515,45 @@ def augment_batch(
     sample's order (clamped to [0, 1] after each), grayscale, then (x - mean) / std. Runs on
     `images.device`; `params` are moved there. Floating inputs are taken as [0, 1] images.
 
-    On an accelerator the whole batch goes through one kernel sequence. On CPU the batch is
-    split into groups of samples that share their colour-op order (so no op needs a gather or
-    scatter), of at most `_CPU_GROUP` samples, and the groups are shared among single-threaded
-    workers, one per usable core (`dgbench.data.cpu_workers`): each op then works on data in
-    its core's cache and pays no fork-join (measured by `tools/bench_batch_augment.py`).
+    On an accelerator the whole batch goes through one kernel sequence (`_augment_tensors`). On
+    CPU the same arithmetic runs image by image, row by row, compiled (`dgbench.data.cpu_augment`):
+    as tensor ops every op would be a pass over memory (measured by `tools/bench_batch_augment.py`).
     """
     src = _nhwc(images)
-    batch = src.shape[0]
-    if len(params) != batch:
-        raise ValueError(f"{len(params)} parameter sets for a batch of {batch} images")
-    out = torch.empty(batch, 3, resolution, resolution, device=src.device)
-    plan = _Plan.of(params.to(src.device), resolution)
-    host = _HostParams.of(params)
-    normalization = _normalization(mean, std, src.device)
-    if src.device.type != "cpu" or resolution * resolution < _CPU_GROUPS_FROM:
-        _augment_into(out, src, torch.arange(batch, device=src.device), plan, host, resolution, normalization)
-        return out
-    groups = _same_colour_order(host, _CPU_GROUP)
-    ranked = torch.tensor([i for group in groups for i in group])
-    plan = plan[ranked]  # each group's rows are now a slice: no per-group gathers
-    bounds = list(itertools.accumulate((len(g) for g in groups), initial=0))
+    if len(params) != src.shape[0]:
+        raise ValueError(f"{len(params)} parameter sets for a batch of {src.shape[0]} images")
+    if src.device.type != "cpu":
+        return _augment_tensors(src, params, resolution, mean, std)
+    from dgbench.data.cpu_augment import augment_on_cpu  # numba: imported only where it runs
 
-    def augment_group(at: int) -> None:
-        rows = slice(bounds[at], bounds[at + 1])
-        part = torch.empty(len(groups[at]), 3, resolution, resolution)
-        _augment_into(part, src, ranked[rows], plan[rows], host.take(groups[at]), resolution, normalization)
-        out.index_copy_(0, ranked[rows], part)  # the groups' rows are disjoint: safe from every worker
-
-    run_on_cores(augment_group, range(len(groups)))
+    plan = _Plan.of(params, resolution)
+    scale, offset = (t.flatten().numpy() for t in _normalization(mean, std, src.device))
+    out = torch.empty(src.shape[0], 3, resolution, resolution)
+    arrays = (src if src.dtype == torch.uint8 else src.float()).numpy()
+    augment_on_cpu(
+        arrays,
+        tuple(t.numpy() for t in plan.rows),  # type: ignore[arg-type]
+        tuple(t.numpy() for t in plan.columns),  # type: ignore[arg-type]
+        plan.factors.numpy(),
+        params.order.numpy(),
+        params.grayscale.numpy(),
+        scale,
+        offset,
+        out.numpy(),
+    )
     return out
+
+
+def _augment_tensors(
+    src: Tensor, params: AugmentParams, resolution: int, mean: Sequence[float], std: Sequence[float]
+) -> Tensor:
+    """`augment_batch` as one sequence of batched tensor ops on src (B, H, W, 3), on its device."""
+    plan = _Plan.of(params.to(src.device), resolution)
+    x = _crop_resize_flip(src, plan, resolution)
+    x = _colour(x, plan.factors, _Schedule.of(_HostParams.of(params), src.device))
+    scale, offset = _normalization(mean, std, src.device)
+    out = torch.empty(src.shape[0], 3, resolution, resolution, device=src.device)
+    return torch.addcmul(offset, x.transpose(2, 3), scale, out=out)  # x^T transposes the image back
 
 
 def eval_batch(images: Tensor, resolution: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -3,12 +3,16 @@
 Tolerances (float32 rounding, measured max |diff| in brackets): crop + resize + flip 1e-6 on
 [0, 1] values (2e-7); each colour op and their random-order composition 1e-5 on [0, 1] values
 (2e-6, mostly the HSV round trip of adjust_hue); the whole pipeline after ImageNet
-normalization 5e-5 (8e-6).
+normalization 5e-5 (8e-6). Both implementations are held to them: the compiled one that runs
+on CPU (`augment_batch`) and the batched tensor ops that run on accelerators (`_augment_tensors`,
+here on CPU); and they agree with each other to within 1e-5 after normalization (6e-6,
+`test_compiled_equals_tensor_ops`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,6 +21,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import dgbench.data.batch_augment as ba
+import dgbench.data.cpu_augment as cpu_augment
 from dgbench.data.batch_augment import AugmentParams, augment_batch, eval_batch, sample_params
 from dgbench.data.transforms import EvalTransform, resized_crop_box
 
@@ -80,6 +85,19 @@ def _geometry_only(params: AugmentParams) -> AugmentParams:
     return ident
 
 
+def _tensor_ops(images: torch.Tensor, params: AugmentParams, resolution: int, mean, std) -> torch.Tensor:
+    return ba._augment_tensors(ba._nhwc(images), params, resolution, mean, std)
+
+
+Augment = Callable[..., torch.Tensor]
+
+
+@pytest.fixture(params=["compiled", "tensor-ops"])
+def augment(request: pytest.FixtureRequest) -> Augment:
+    """Each implementation, with `augment_batch`'s signature."""
+    return augment_batch if request.param == "compiled" else _tensor_ops
+
+
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape
     return float((a - b).abs().max())
@@ -93,28 +111,30 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     [(32, 32, 32), (48, 40, 32), (20, 26, 32), (7, 9, 16), (227, 227, 224)],
     ids=["same", "down", "up", "tiny-up", "pacs"],
 )
-def test_crop_resize_flip_equals_resized_crop(height: int, width: int, resolution: int) -> None:
+def test_crop_resize_flip_equals_resized_crop(
+    height: int, width: int, resolution: int, augment: Augment
+) -> None:
     batch = 12 if height > 100 else 48
     images = _images(batch, height, width)
     params = _geometry_only(sample_params(batch, height, width, _gen(1)))
     params.flip[: batch // 2] = torch.tensor([True, False]).repeat(batch // 4)  # both flips for sure
-    got = augment_batch(images, params, resolution, *RAW)
+    got = augment(images, params, resolution, *RAW)
     assert _max_diff(got, _reference(images, params, resolution, *RAW)) <= CROP_TOL
 
 
-def test_crop_edges_replicate_the_box_not_the_neighbouring_pixels() -> None:
+def test_crop_edges_replicate_the_box_not_the_neighbouring_pixels(augment: Augment) -> None:
     """An upscaled box's border comes from the box alone (torchvision crops, then resizes)."""
     images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
     images[0, :, :2] = 255  # bright columns just left of the box
     params = AugmentParams.identity(1, 8, 8)
     params.left, params.width = torch.tensor([2]), torch.tensor([4])
-    got = augment_batch(images, params, 16, *RAW)
+    got = augment(images, params, 16, *RAW)
     assert float(got.max()) == 0.0
     assert _max_diff(got, _reference(images, params, 16, *RAW)) == 0.0
 
 
 @pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue"])
-def test_each_colour_op_equals_torchvision(op: str) -> None:
+def test_each_colour_op_equals_torchvision(op: str, augment: Augment) -> None:
     batch, size = 64, 24
     images = _images(batch, size, size, seed=2)
     params = AugmentParams.identity(batch, size, size)
@@ -129,12 +149,12 @@ def test_each_colour_op_equals_torchvision(op: str) -> None:
     # Move the op through all four positions (the other three are identities).
     code = ("brightness", "contrast", "saturation", "hue").index(op)
     params.order = torch.stack([torch.randperm(4, generator=g) for _ in range(batch)])
-    got = augment_batch(images, params, size, *RAW)
+    got = augment(images, params, size, *RAW)
     assert _max_diff(got, _reference(images, params, size, *RAW)) <= COLOUR_TOL
     assert set((params.order == code).nonzero()[:, 1].tolist()) == {0, 1, 2, 3}
 
 
-def test_colour_ops_in_random_order_and_grayscale_equal_torchvision() -> None:
+def test_colour_ops_in_random_order_and_grayscale_equal_torchvision(augment: Augment) -> None:
     batch, size = 96, 20
     images = _images(batch, size, size, seed=4)
     drawn = sample_params(batch, size, size, _gen(5))
@@ -142,43 +162,58 @@ def test_colour_ops_in_random_order_and_grayscale_equal_torchvision() -> None:
     for name in ("order", "brightness", "contrast", "saturation", "hue", "grayscale"):
         setattr(params, name, getattr(drawn, name))
     params.grayscale[:8] = True
-    got = augment_batch(images, params, size, *RAW)
+    got = augment(images, params, size, *RAW)
     want = _reference(images, params, size, *RAW)
     assert _max_diff(got, want) <= COLOUR_TOL
     # The order matters (so the test above can fail): a fixed order is visibly different.
     params.order = torch.arange(4).repeat(batch, 1)
-    assert _max_diff(augment_batch(images, params, size, *RAW), want) > 0.05
+    assert _max_diff(augment(images, params, size, *RAW), want) > 0.05
 
 
 @pytest.mark.parametrize(("height", "width", "resolution"), [(32, 32, 32), (40, 30, 32), (64, 64, 48)])
-def test_whole_pipeline_equals_torchvision_per_sample(height: int, width: int, resolution: int) -> None:
+def test_whole_pipeline_equals_torchvision_per_sample(
+    height: int, width: int, resolution: int, augment: Augment
+) -> None:
     batch = 64
     images = _images(batch, height, width, seed=6)
     params = sample_params(batch, height, width, _gen(7))
-    got = augment_batch(images, params, resolution, MEAN, STD)
+    got = augment(images, params, resolution, MEAN, STD)
     assert got.shape == (batch, 3, resolution, resolution) and got.dtype == torch.float32
     assert _max_diff(got, _reference(images, params, resolution)) <= PIPELINE_TOL
 
 
-def test_layouts_and_float_input_agree() -> None:
+def test_layouts_and_float_input_agree(augment: Augment) -> None:
     images = _images(16, 24, 20)
     params = sample_params(16, 24, 20, _gen(8))
-    hwc = augment_batch(images, params, 16, MEAN, STD)
-    assert torch.equal(augment_batch(images.permute(0, 3, 1, 2), params, 16, MEAN, STD), hwc)
+    hwc = augment(images, params, 16, MEAN, STD)
+    assert torch.equal(augment(images.permute(0, 3, 1, 2), params, 16, MEAN, STD), hwc)
     as_float = images.permute(0, 3, 1, 2).float() / 255
     # uint8 rows are scaled to [0, 1] after the row interpolation, float ones before: rounding only.
-    assert _max_diff(augment_batch(as_float, params, 16, MEAN, STD), hwc) <= 1e-5
+    assert _max_diff(augment(as_float, params, 16, MEAN, STD), hwc) <= 1e-5
 
 
-def test_cpu_groups_and_workers_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CPU, groups of samples sharing a colour order on worker threads = the whole batch at once."""
+def test_compiled_equals_tensor_ops() -> None:
+    """The CPU and accelerator implementations agree on PACS-sized batches, every colour order included."""
+    images = _images(48, 227, 227, seed=9)
+    params = sample_params(48, 227, 227, _gen(10))
+    params.hue[:4] = 0  # skipped by both
+    params.grayscale[::5] = True
+    assert len({tuple(o) for o in params.order.tolist()}) > 15
+    assert (
+        _max_diff(augment_batch(images, params, 224, MEAN, STD), _tensor_ops(images, params, 224, MEAN, STD))
+        <= 1e-5
+    )
+
+
+def test_compiled_result_does_not_depend_on_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images are split among the cores in chunks; the split changes no value."""
     images = _images(40, 32, 32, seed=9)
     params = sample_params(40, 32, 32, _gen(10))
-    whole = augment_batch(images, params, 32, MEAN, STD)  # 32 x 32 px: below _CPU_GROUPS_FROM
-    monkeypatch.setattr(ba, "_CPU_GROUPS_FROM", 0)
-    for most in (1, 3, 8):
-        monkeypatch.setattr(ba, "_CPU_GROUP", most)
-        assert torch.equal(augment_batch(images, params, 32, MEAN, STD), whole), most
+    results = []
+    for cores in (1, 3, 16):
+        monkeypatch.setattr(cpu_augment, "available_cores", lambda cores=cores: cores)
+        results.append(augment_batch(images, params, 32, MEAN, STD))
+    assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
 def test_eval_batch_cpu_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,7 +224,7 @@ def test_eval_batch_cpu_chunking_changes_nothing(monkeypatch: pytest.MonkeyPatch
     assert torch.equal(eval_batch(images, 32, MEAN, STD), whole)
 
 
-def test_padded_images_with_per_sample_sizes() -> None:
+def test_padded_images_with_per_sample_sizes(augment: Augment) -> None:
     """(B,) sizes: boxes stay inside each image, and the padded canvas gives the unpadded result."""
     sizes = [(20, 30), (32, 32), (25, 17), (32, 9)]
     canvas = torch.full((len(sizes), 32, 32, 3), 255, dtype=torch.uint8)
@@ -203,9 +238,9 @@ def test_padded_images_with_per_sample_sizes() -> None:
             (params.top + params.height <= heights).all() and (params.left + params.width <= widths).all()
         )
         assert bool((params.top >= 0).all() and (params.left >= 0).all())
-    got = augment_batch(canvas, params, 16, MEAN, STD)
+    got = augment(canvas, params, 16, MEAN, STD)
     for i, img in enumerate(images):
-        alone = augment_batch(img[None], params[i : i + 1], 16, MEAN, STD)
+        alone = augment(img[None], params[i : i + 1], 16, MEAN, STD)
         assert _max_diff(got[i : i + 1], alone) <= 1e-6
 
 
@@ -224,10 +259,10 @@ def test_bad_inputs_are_rejected() -> None:
 # -- 2. identity parameters == eval path == reference EvalTransform --------------------------------
 
 
-def test_identity_params_equal_eval_batch_and_eval_transform() -> None:
+def test_identity_params_equal_eval_batch_and_eval_transform(augment: Augment) -> None:
     batch, size = 16, 32
     images = _images(batch, size, size, seed=11)
-    augmented = augment_batch(images, AugmentParams.identity(batch, size, size), size, MEAN, STD)
+    augmented = augment(images, AugmentParams.identity(batch, size, size), size, MEAN, STD)
     evaluated = eval_batch(images, size, MEAN, STD)
     reference = torch.stack([EvalTransform(size, MEAN, STD)(Image.fromarray(a.numpy())) for a in images])
     assert _max_diff(augmented, evaluated) <= 1e-6  # normalization as x * (1 / std) - mean / std
@@ -380,12 +415,12 @@ def test_same_seed_same_params_and_output_other_seed_differs() -> None:
     assert not torch.equal(out_a, out_c)
 
 
-def test_outputs_finite_and_in_range_before_normalization() -> None:
+def test_outputs_finite_and_in_range_before_normalization(augment: Augment) -> None:
     images = _images(64, 40, 40, seed=51)
     params = sample_params(64, 40, 40, _gen(52))
-    raw = augment_batch(images, params, 32, *RAW)
+    raw = augment(images, params, 32, *RAW)
     assert bool(torch.isfinite(raw).all()) and float(raw.min()) >= 0.0 and float(raw.max()) <= 1.0
-    normalized = augment_batch(images, params, 32, MEAN, STD)
+    normalized = augment(images, params, 32, MEAN, STD)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     assert _max_diff(normalized, (raw - mean) / std) <= 1e-6
     # Grayscale samples have three equal channels.

@@ -1,4 +1,4 @@
-"""Single-threaded CPU workers: every item runs once, errors surface, callers keep their threads."""
+"""CPU worker threads: every item runs once, errors surface, a forked child gets its own pool."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from dgbench.data import cpu_workers
 from dgbench.data.cpu_workers import run_on_cores
@@ -16,8 +15,7 @@ from dgbench.data.cpu_workers import run_on_cores
 
 @pytest.fixture
 def two_cores(monkeypatch: pytest.MonkeyPatch):
-    """A fresh pool of two workers, whatever this machine has; the caller's thread count restored."""
-    before = torch.get_num_threads()
+    """A fresh pool of two workers, whatever this machine has."""
     monkeypatch.setattr(cpu_workers, "available_cores", lambda: 2)
     cpu_workers._forget_pool()
     yield
@@ -25,7 +23,6 @@ def two_cores(monkeypatch: pytest.MonkeyPatch):
     cpu_workers._forget_pool()
     if pool is not None:
         pool.shutdown()
-    torch.set_num_threads(before)
 
 
 def test_every_item_runs_once_on_the_workers(two_cores: None) -> None:
@@ -39,20 +36,6 @@ def test_every_item_runs_once_on_the_workers(two_cores: None) -> None:
     run_on_cores(work, range(50))
     assert sorted(item for item, _ in seen) == list(range(50))
     assert all(name.startswith("dgbench-cpu") for _, name in seen)
-
-
-def test_workers_are_single_threaded_and_the_caller_keeps_its_threads(two_cores: None) -> None:
-    torch.set_num_threads(2)
-    counts: list[int] = []
-    run_on_cores(lambda _: counts.append(torch.get_num_threads()), range(8))
-    assert counts == [1] * 8
-    assert torch.get_num_threads() == 2
-    # A thread started afterwards gets the caller's count, not the workers' 1.
-    later: list[int] = []
-    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-    thread.start()
-    thread.join()
-    assert later == [2]
 
 
 def test_an_error_in_one_item_is_raised_to_the_caller(two_cores: None) -> None:
