@@ -3,7 +3,9 @@
 Both paths get the same uint8 images: the reference as PIL images, one `TrainTransform` call
 each plus the collate `torch.stack`; the batched path as one uint8 (B, H, W, 3) tensor on the
 CPU, through `sample_params` + `augment_batch` (on --device; for cuda the timing includes
-the host-to-device copy of the uint8 batch and a synchronize).
+the host-to-device copy of the uint8 batch and a synchronize). On CPU, `augment_batch` is the
+compiled implementation (`dgbench.data.cpu_augment`); the column "tensor ops" times the
+accelerators' implementation (`batch_augment._augment_tensors`) on the same CPU, for comparison.
 
     python tools/bench_batch_augment.py [--device cpu|cuda] [--batch 96] [--threads N]
 """
@@ -20,7 +22,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from dgbench.data.batch_augment import augment_batch, sample_params
+from dgbench.data.batch_augment import _augment_tensors, augment_batch, sample_params
 from dgbench.data.transforms import TrainTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -62,7 +64,11 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device={name} torch_threads={torch.get_num_threads()} batch={args.batch}")
-    print(f"{'source->res':>12} {'PIL per-sample':>16} {'batched':>14} {'ratio':>7}")
+    on_cpu = device.type == "cpu"
+    print(
+        f"{'source->res':>12} {'PIL per-sample':>16} {'batched':>14} {'ratio':>7}"
+        + (f" {'tensor ops':>14} {'batched/tensor ops':>19}" if on_cpu else "")
+    )
     for size, resolution in CASES:
         batch = images(args.batch, size)
         pil = [Image.fromarray(a.numpy()) for a in batch]
@@ -76,11 +82,17 @@ def main() -> None:
             params = sample_params(len(batch), size, size, g)
             return augment_batch(batch.to(device, non_blocking=True), params, resolution, MEAN, STD)
 
-        ref_s = seconds(reference, torch.device("cpu"), args.repeats)
-        new_s = seconds(batched, device, args.repeats)
-        ref_ips, new_ips = args.batch / ref_s, args.batch / new_s
+        def tensor_ops(batch=batch, size=size, resolution=resolution, g=g) -> torch.Tensor:
+            return _augment_tensors(batch, sample_params(len(batch), size, size, g), resolution, MEAN, STD)
+
+        ref_ips = args.batch / seconds(reference, torch.device("cpu"), args.repeats)
+        new_ips = args.batch / seconds(batched, device, args.repeats)
         case = f"{size}->{resolution}"
-        print(f"{case:>12} {ref_ips:11.0f} im/s {new_ips:9.0f} im/s {new_ips / ref_ips:6.1f}x")
+        line = f"{case:>12} {ref_ips:11.0f} im/s {new_ips:9.0f} im/s {new_ips / ref_ips:6.1f}x"
+        if on_cpu:
+            ops_ips = args.batch / seconds(tensor_ops, device, args.repeats)
+            line += f" {ops_ips:9.0f} im/s {new_ips / ops_ips:18.1f}x"
+        print(line)
 
 
 if __name__ == "__main__":
