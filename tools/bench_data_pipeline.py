@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the timm backbones
 SEED = 0
@@ -75,21 +75,18 @@ def _memory_kb(pid: int) -> tuple[int, int, int]:
     return fields.get("VmRSS", 0), fields.get("RssAnon", 0), fields.get("Pss", 0)
 
 
-class PeakMemory:
-    """Peaks of RSS, anonymous RSS and PSS summed over this process and its descendants.
+SamplerT = TypeVar("SamplerT", bound="Sampler")
 
-    RSS double-counts pages shared by forked workers and counts mapped file pages (the cache's
-    memory map, which the kernel can drop); PSS splits shared pages among their users; anonymous
-    RSS is the memory nothing but this process tree can give back.
-    """
+
+class Sampler:
+    """Calls `_sample` every `interval` s on a thread while the `with` block runs, and once at its end."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
-        self.peak = {"rss_mb": 0.0, "anon_mb": 0.0, "pss_mb": 0.0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self: SamplerT) -> SamplerT:
         self._thread.start()
         return self
 
@@ -101,6 +98,22 @@ class PeakMemory:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+
+class PeakMemory(Sampler):
+    """Peaks of RSS, anonymous RSS and PSS summed over this process and its descendants.
+
+    RSS double-counts pages shared by forked workers and counts mapped file pages (the cache's
+    memory map, which the kernel can drop); PSS splits shared pages among their users; anonymous
+    RSS is the memory nothing but this process tree can give back.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        super().__init__(interval)
+        self.peak = {"rss_mb": 0.0, "anon_mb": 0.0, "pss_mb": 0.0}
 
     def _sample(self) -> None:
         totals = [

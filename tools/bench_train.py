@@ -82,6 +82,22 @@ def run(args: argparse.Namespace, extra: list[str], output_dir: str, name: str) 
     }
 
 
+def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """How many times faster (or, for memory, how large) `after` is than `before`."""
+    return {
+        "train_steps_per_s": round(after["steps_per_s"] / before["steps_per_s"], 2),
+        "eval_seconds": round(before["eval_seconds"] / after["eval_seconds"], 2),
+        "wall": round(before["wall_s"] / after["wall_s"], 2),
+        "host_rss": round(after["rss_mb"] / before["rss_mb"], 2),
+    }
+
+
+def report(result: dict[str, Any], json_path: str) -> None:
+    print(json.dumps(result, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="data root holding the dataset folder (e.g. PACS/)")
@@ -101,16 +117,8 @@ def main() -> None:
         run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
         for path, extra in PATHS.items():
             result[path] = run(args, extra, out, path)
-    ref, fast = result["reference"], result["fast"]
-    result["ratios"] = {
-        "train_steps_per_s": round(fast["steps_per_s"] / ref["steps_per_s"], 2),
-        "eval_seconds": round(ref["eval_seconds"] / fast["eval_seconds"], 2),
-        "wall": round(ref["wall_s"] / fast["wall_s"], 2),
-        "host_rss": round(fast["rss_mb"] / ref["rss_mb"], 2),
-    }
-    print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    result["ratios"] = ratios(result["reference"], result["fast"])
+    report(result, args.json)
 
 
 if __name__ == "__main__":
