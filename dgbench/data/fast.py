@@ -27,6 +27,7 @@ with a message to use `data.pipeline=reference`.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -44,6 +45,21 @@ Batch = tuple[Tensor, Tensor, int]  # images, labels, unreadable images dropped 
 # Splits up to this size are copied to an accelerator once; larger ones (DomainNet) are gathered
 # from the host array batch by batch.
 DEVICE_COPY_BYTES = 1 << 30
+
+
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident memory; no-op otherwise.
+
+    Once a split is on the device its rows are not read again, but the pages its copy touched
+    stay mapped, and counted in the process's RSS (1.5 GB for PACS at 224 px), until the kernel
+    needs the memory. They stay in the page cache: a later read (another split of the same
+    domain) costs no disk access.
+    """
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):  # Linux, macOS
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def require_arrays(domains: Sequence[DomainData], dataset: str) -> None:
@@ -77,6 +93,7 @@ class FastSplit:
         if device.type != "cpu" and len(self.rows) * self.source[0].nbytes <= DEVICE_COPY_BYTES:
             self.images = torch.from_numpy(np.ascontiguousarray(self.source[self.rows])).to(device)
             self.labels = self.labels.to(device)
+            release_mapped_pages(self.source)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -379,6 +379,37 @@ def test_fast_split_drops_and_counts_unreadable_rows(tiny: FolderDataset) -> Non
         split.take(np.array([1]))
 
 
+def _resident_kb(path: str) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):  # a mapping's first line
+            inside = len(head) == 6 and head[5] == path
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_a_split_copied_to_a_device_releases_the_mapped_pages(tiny: FolderDataset) -> None:
+    """Once on the device, a split's cache pages leave the process's RSS (they stay in the page cache)."""
+    from dgbench.data.fast import FastSplit
+
+    attach_arrays(tiny, RES, skip_corrupt=False, workers=1, progress=False)
+    arrays = tiny[0].arrays
+    assert int(arrays.sum()) > 0  # touches every page of the mapping
+    assert _resident_kb(os.path.realpath(arrays.filename)) > 0
+    split = FastSplit(tiny[0], range(len(tiny[0])), torch.device("meta"))  # a device copy, without a GPU
+    assert split.images is not None and split.images.device.type == "meta"
+    assert _resident_kb(os.path.realpath(arrays.filename)) == 0
+    # The mapping still reads correctly afterwards (from the page cache).
+    assert torch.equal(
+        FastSplit(tiny[0], [1], torch.device("cpu")).take(np.array([0]))[0][0],
+        torch.from_numpy(np.array(arrays[1])),
+    )
+
+
 # ------------------------------------------------------------------- end to end
 
 
