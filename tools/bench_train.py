@@ -1,13 +1,17 @@
-"""Side by side: end-to-end ERM training through `dgbench train`, reference data path vs fast path.
+"""Side by side: end-to-end ERM training through `dgbench train`, DomainBed's settings vs the fast path.
 
 Both runs are the real CLI on the same dataset, backbone, batch and steps, each in its own
 process (so each peak host memory, summed over the process and its loader workers, is its own):
 
-    reference: data.pipeline=reference (PIL + torchvision per image in DataLoader workers, as many
-               as the trainer's default gives: `dgbench.data.pipeline.loader_workers`),
-               trainer.evaluate=all
+    reference: DomainBed's settings: data.pipeline=reference (PIL + torchvision per image in
+               DataLoader workers, as many as the trainer's default gives,
+               `dgbench.data.pipeline.loader_workers`; `--workers 8` for DomainBed's 8 per loader),
+               trainer.evaluate=all in batches of 64, and on CUDA fp32 (no autocast), no
+               channels_last, deterministic cudnn kernels without autotuning
     fast:      data.pipeline=fast (decoded-image cache + batched augmentation on the device),
-               trainer.evaluate=selection (only the splits model selection reads)
+               trainer.evaluate=selection (only the splits model selection reads), and the
+               trainer's defaults: evaluation batches of 256; on CUDA bf16 autocast,
+               channels_last, cudnn autotuning
 
 Reported per path: training steps/s (from the records' `step_time`, data loading included, first
 record left out: it holds step 0 and the warm-up), evaluation seconds per evaluation (`eval_time`)
@@ -34,7 +38,14 @@ from typing import Any
 from bench_data_pipeline import PeakMemory, machine_info  # tools/ is on sys.path when run as a script
 
 PATHS = {
-    "reference": ["data.pipeline=reference", "trainer.evaluate=all"],
+    "reference": [
+        "data.pipeline=reference",
+        "trainer.evaluate=all",
+        "trainer.eval_batch_size=64",
+        "trainer.amp=false",
+        "trainer.channels_last=false",
+        "trainer.deterministic=true",
+    ],
     "fast": ["data.pipeline=fast", "trainer.evaluate=selection"],
 }
 
