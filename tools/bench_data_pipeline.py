@@ -22,6 +22,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as dgbench.cli.quiet_openmp
 import argparse
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -286,6 +287,13 @@ def _child(phase: str, args: argparse.Namespace, env: dict[str, str]) -> dict[st
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     import numpy
     import PIL
@@ -304,6 +312,7 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "pillow": PIL.__version__,
         "numpy": numpy.__version__,
+        "numba": _version("numba"),  # the compiled CPU augmentation
         "torch_threads": torch.get_num_threads(),
     }
     if args.device == "cuda":
@@ -318,7 +327,7 @@ def _report(result: dict[str, Any]) -> str:
         f"machine: {m['cpu']}, {m['cores']} usable cores, load average before the run {m['load_average']}"
         + (f", {m['gpu']}" if "gpu" in m else ""),
         f"python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, Pillow {m['pillow']}, "
-        f"numpy {m['numpy']}, torch threads {m['torch_threads']}",
+        f"numpy {m['numpy']}, numba {m['numba']}, torch threads {m['torch_threads']}",
         f"PACS, training domains = all but {s['test_env']}, {s['domains']} x {s['batch']} images per step at "
         f"{s['resolution']} px, DomainBed augmentation, device {s['device']}, {s['steps']} timed steps after "
         f"{s['warmup']}, reference DataLoader workers {ref['workers']} per loader",
