@@ -394,19 +394,6 @@ def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
 
 
 @dataclass
-class _HostParams:
-    """The parameters that decide which ops run on which samples, as Python lists (no device syncs)."""
-
-    order: list[list[int]]
-    hue: list[float]
-    grayscale: list[bool]
-
-    @classmethod
-    def of(cls, params: AugmentParams) -> _HostParams:
-        return cls(params.order.tolist(), params.hue.tolist(), params.grayscale.tolist())
-
-
-@dataclass
 class _Plan:
     """What `augment_batch` needs per sample, on the batch's device, computed once per batch.
 
@@ -449,9 +436,10 @@ _OPS = {
 class _Schedule:
     """Which op runs on which samples, in order: the colour ops position by position, then grayscale.
 
-    Decided on the host from `_HostParams`. Each step is (op code, rows of `index` holding its
-    samples, or None for all samples); `index` is every partial step's samples concatenated and
-    copied to the device once, so the steps need no host-to-device copy (and no sync) of their own.
+    Decided on the host from the parameters as `sample_params` returns them, on the CPU (no
+    device sync). Each step is (op code, rows of `index` holding its samples, or None for all
+    samples); `index` is every partial step's samples concatenated and copied to the device once,
+    so the steps need no host-to-device copy (and no sync) of their own.
     A zero hue shift is skipped: it is the identity, and the HSV round trip would only add rounding.
     """
 
@@ -459,12 +447,13 @@ class _Schedule:
     index: Tensor | None
 
     @classmethod
-    def of(cls, host: _HostParams, device: torch.device) -> _Schedule:
+    def of(cls, params: AugmentParams, device: torch.device) -> _Schedule:
+        orders, hues = params.order.tolist(), params.hue.tolist()
         steps: list[tuple[int, slice | None]] = []
         flat: list[int] = []
 
         def add(code: int, samples: list[int]) -> None:
-            if len(samples) == len(host.order):
+            if len(samples) == len(orders):
                 steps.append((code, None))
             elif samples:
                 steps.append((code, slice(len(flat), len(flat) + len(samples))))
@@ -472,12 +461,12 @@ class _Schedule:
 
         for pos in range(4):
             groups: dict[int, list[int]] = {}
-            for i, order in enumerate(host.order):
-                if order[pos] != HUE or host.hue[i] != 0:
+            for i, order in enumerate(orders):
+                if order[pos] != HUE or hues[i] != 0:
                     groups.setdefault(order[pos], []).append(i)
             for code, samples in groups.items():
                 add(code, samples)
-        add(GRAYSCALE, [i for i, gray in enumerate(host.grayscale) if gray])
+        add(GRAYSCALE, [i for i, gray in enumerate(params.grayscale.tolist()) if gray])
         index = torch.tensor(flat).to(device, non_blocking=True) if flat else None
         return cls(steps, index)
 
@@ -550,7 +539,7 @@ def _augment_tensors(
     """`augment_batch` as one sequence of batched tensor ops on src (B, H, W, 3), on its device."""
     plan = _Plan.of(params.to(src.device), resolution)
     x = _crop_resize_flip(src, plan, resolution)
-    x = _colour(x, plan.factors, _Schedule.of(_HostParams.of(params), src.device))
+    x = _colour(x, plan.factors, _Schedule.of(params, src.device))
     scale, offset = _normalization(mean, std, src.device)
     out = torch.empty(src.shape[0], 3, resolution, resolution, device=src.device)
     return torch.addcmul(offset, x.transpose(2, 3), scale, out=out)  # x^T transposes the image back
