@@ -12,9 +12,9 @@ trainer.evaluate=selection, the same dataset root, held-out domain, backbone, ba
 
 Reported per run: training steps/s (DomainBed's `step_time`, data loading included, the first
 checkpoint's left out as warm-up), seconds per evaluation, wall time, peak host memory of the
-process tree and peak GPU memory. DomainBed does not time its evaluations; they are measured from
-the moments its `results.jsonl` lines appear (polled every 50 ms): the time between two
-checkpoints minus their steps' `step_time`.
+process tree, peak GPU memory and `protocol_s` (as in tools/bench_train.py). DomainBed does not
+time its evaluations; they are measured from the moments its `results.jsonl` lines appear (polled
+every 50 ms): the time between two checkpoints minus their steps' `step_time`.
 
     python tools/bench_domainbed.py --domainbed ~/DomainBed --root ../shared/datasets --device cuda
         [--steps 60] [--eval-every 30] [--batch 32] [--json out.json]
@@ -34,7 +34,7 @@ from typing import Any
 
 # tools/ is on sys.path when run as a script
 from bench_data_pipeline import PeakMemory, Sampler, machine_info
-from bench_train import PATHS, ratios, report, run
+from bench_train import PATHS, add_protocol_seconds, ratios, report, run
 
 HELD_OUT = ("sketch", 3)  # PACS's held-out domain: dgbench's name, DomainBed's index (A, C, P, S)
 
@@ -130,6 +130,7 @@ def main() -> None:
         result["domainbed"] = run_domainbed(args, Path(out, "domainbed"))
         run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
         result["dgbench_fast"] = run(args, PATHS["fast"], out, "fast")
+    add_protocol_seconds(result, args.dataset, ["domainbed", "dgbench_fast"])
     result["ratios"] = ratios(result["domainbed"], result["dgbench_fast"])
     report(result, args.json)
 
