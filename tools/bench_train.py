@@ -99,10 +99,11 @@ def run(args: argparse.Namespace, extra: list[str], output_dir: str, name: str) 
 
 
 def protocol_run(dataset: str) -> dict[str, int]:
-    """The dataset's default protocol length: its manifest's `steps` and `checkpoint_freq`."""
+    """The dataset's protocol length: its manifest's `steps` and `checkpoint_freq`, else DomainBed's."""
+    length = {"steps": MultiDomainDataset.steps, "checkpoint_freq": MultiDomainDataset.checkpoint_freq}
     if dataset in manifest_names():
-        return protocol_defaults(load_manifest(dataset), "default")
-    return {"steps": MultiDomainDataset.steps, "checkpoint_freq": MultiDomainDataset.checkpoint_freq}
+        length.update(protocol_defaults(load_manifest(dataset), "default"))
+    return length
 
 
 def protocol_seconds(summary: dict[str, Any], steps: int, checkpoint_freq: int) -> float:
