@@ -8,6 +8,7 @@ checkpoint, appended after that checkpoint's evaluation), sleeping for a known e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))  # the tools import each other as scripts do
 
+import bench_data_pipeline  # noqa: E402
 import bench_domainbed  # noqa: E402
 
 FAKE_TRAIN = """
@@ -75,8 +77,12 @@ def test_runs_a_domainbed_checkout_and_times_its_evaluations(tmp_path: Path) -> 
         domainbed=str(tmp_path / "checkout"), root=str(tmp_path), backbone="resnet50", batch=8,
         steps=7, eval_every=3, device="cpu",
     )  # fmt: skip
+    held = b"\x01" * (200 << 20)  # written, so resident: this process holds 200 MB the stand-in never does
+    assert bench_data_pipeline._memory_kb(os.getpid())[0] > 200 << 10
     result = bench_domainbed.run_domainbed(args, tmp_path / "out")
+    del held
     assert result["eval_seconds"] == pytest.approx(0.4, abs=0.15)
     assert result["steps_per_s"] == pytest.approx(100.0)
-    assert result["gpu_peak_gb"] is None and result["rss_mb"] > 0
+    assert result["gpu_peak_gb"] is None
+    assert 0 < result["rss_mb"] < 100  # the stand-in's own tree (a bare Python), not this process
     assert result["wall_s"] >= 3 * 0.4

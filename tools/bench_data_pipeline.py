@@ -105,21 +105,20 @@ class Sampler:
 
 
 class PeakMemory(Sampler):
-    """Peaks of RSS, anonymous RSS and PSS summed over this process and its descendants.
+    """Peaks of RSS, anonymous RSS and PSS summed over process `root` (default: this one) and its descendants.
 
     RSS double-counts pages shared by forked workers and counts mapped file pages (the cache's
     memory map, which the kernel can drop); PSS splits shared pages among their users; anonymous
     RSS is the memory nothing but this process tree can give back.
     """
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, root: int | None = None, interval: float = 0.05) -> None:
         super().__init__(interval)
+        self.root = os.getpid() if root is None else root
         self.peak = {"rss_mb": 0.0, "anon_mb": 0.0, "pss_mb": 0.0}
 
     def _sample(self) -> None:
-        totals = [
-            sum(v) / 1024 for v in zip(*(_memory_kb(p) for p in _descendants(os.getpid())), strict=True)
-        ]
+        totals = [sum(v) / 1024 for v in zip(*(_memory_kb(p) for p in _descendants(self.root)), strict=True)]
         for key, value in zip(self.peak, totals, strict=True):
             self.peak[key] = max(self.peak[key], round(value, 1))
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 # tools/ is on sys.path when run as a script
-from bench_data_pipeline import PeakMemory, Sampler, machine_info
-from bench_train import PATHS, add_protocol_seconds, ratios, report, run
+from bench_data_pipeline import Sampler, machine_info
+from bench_train import PATHS, add_protocol_seconds, ratios, report, run, run_measured
 
 HELD_OUT = ("sketch", 3)  # PACS's held-out domain: dgbench's name, DomainBed's index (A, C, P, S)
 
@@ -96,15 +95,13 @@ def run_domainbed(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(Path(args.domainbed).resolve())}
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    start = time.perf_counter()
-    with PeakMemory() as memory, LineTimes(output_dir / "results.jsonl") as lines:
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env, cwd=args.domainbed)
-    wall = time.perf_counter() - start
+    with LineTimes(output_dir / "results.jsonl") as lines:
+        wall, peak = run_measured(command, env=env, cwd=args.domainbed)
     records = [json.loads(line) for line in (output_dir / "results.jsonl").read_text().splitlines() if line]
     summary = domainbed_summary(records, lines.times, args.batch)
     if args.device == "cpu":
         summary["gpu_peak_gb"] = None
-    return {**summary, "wall_s": round(wall, 1), **memory.peak}
+    return {**summary, "wall_s": round(wall, 1), **peak}
 
 
 def main() -> None:
