@@ -145,8 +145,9 @@ def manifest_fingerprint(manifest: Mapping[str, Any]) -> str:
 
 
 def protocol_defaults(manifest: Mapping[str, Any], protocol: str) -> dict[str, int]:
-    """`steps` and `checkpoint_freq` under `protocol`: `protocols.<protocol>` entry, else the top level."""
-    defaults = {k: int(manifest[k]) for k in ("steps", "checkpoint_freq") if k in manifest}
+    """`steps` and `checkpoint_freq` under `protocol`: `protocols.<protocol>` entry, else the top
+    level, else DomainBed's (`MultiDomainDataset`'s), as `FolderDataset` takes its own."""
+    defaults = {k: int(manifest.get(k, getattr(MultiDomainDataset, k))) for k in ("steps", "checkpoint_freq")}
     defaults.update((manifest.get("protocols") or {}).get(protocol) or {})
     return defaults
 

@@ -149,6 +149,9 @@ def test_registered_manifests() -> None:
     assert dnet["classes"][:3] == ["The_Eiffel_Tower", "The_Great_Wall_of_China", "The_Mona_Lisa"]
     assert protocol_defaults(dnet, "swad") == {"steps": 15001, "checkpoint_freq": 500}
     assert protocol_defaults(dnet, "default") == {"steps": 5001, "checkpoint_freq": 1000}
+    bare = {k: v for k, v in dnet.items() if k not in ("steps", "checkpoint_freq", "protocols")}
+    assert protocol_defaults(bare, "default") == {"steps": 5001, "checkpoint_freq": 100}  # DomainBed's
+    assert protocol_defaults({**bare, "steps": 300}, "swad") == {"steps": 300, "checkpoint_freq": 100}
     assert domain_names(office)[-1] == "Real World" and len(office["classes"]) == 65
     assert office["classes"].index("TV") < office["classes"].index("Table")
     assert domain_names(terra)[:2] == ["location_100", "location_38"] and terra["allow_missing_classes"]
