@@ -127,7 +127,7 @@ def main() -> None:
         result["domainbed"] = run_domainbed(args, Path(out, "domainbed"))
         run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
         result["dgbench_fast"] = run(args, PATHS["fast"], out, "fast")
-    add_protocol_seconds(result, args.dataset, ["domainbed", "dgbench_fast"])
+    add_protocol_seconds(result, args.dataset, args.root, ["domainbed", "dgbench_fast"])
     result["ratios"] = ratios(result["domainbed"], result["dgbench_fast"])
     report(result, args.json)
 

@@ -39,8 +39,9 @@ from typing import Any
 
 from bench_data_pipeline import PeakMemory, machine_info  # tools/ is on sys.path when run as a script
 
-from dgbench.data.base import MultiDomainDataset
-from dgbench.data.folder import load_manifest, manifest_names, protocol_defaults
+from dgbench.components import load_components
+from dgbench.config import Protocol
+from dgbench.registry import DATASETS
 
 PATHS = {
     "reference": [
@@ -110,12 +111,11 @@ def run(args: argparse.Namespace, extra: list[str], output_dir: str, name: str) 
     }
 
 
-def protocol_run(dataset: str) -> dict[str, int]:
-    """The dataset's protocol length: its manifest's `steps` and `checkpoint_freq`, else DomainBed's."""
-    length = {"steps": MultiDomainDataset.steps, "checkpoint_freq": MultiDomainDataset.checkpoint_freq}
-    if dataset in manifest_names():
-        length.update(protocol_defaults(load_manifest(dataset), "default"))
-    return length
+def protocol_run(dataset: str, root: str) -> dict[str, int]:
+    """The dataset's default protocol length (`steps`, `checkpoint_freq`), asked of it as the trainer does."""
+    load_components()
+    entry = DATASETS.get(dataset)
+    return entry.obj(entry.config(name=dataset, root=root)).protocol_defaults(Protocol.default.value)
 
 
 def protocol_seconds(summary: dict[str, Any], steps: int, checkpoint_freq: int) -> float:
@@ -141,9 +141,9 @@ def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def add_protocol_seconds(result: dict[str, Any], dataset: str, paths: list[str]) -> None:
+def add_protocol_seconds(result: dict[str, Any], dataset: str, root: str, paths: list[str]) -> None:
     """Each path's `protocol_s` (see `protocol_seconds`), and the protocol it assumed."""
-    result["protocol"] = protocol_run(dataset)
+    result["protocol"] = protocol_run(dataset, root)
     for path in paths:
         result[path]["protocol_s"] = protocol_seconds(result[path], **result["protocol"])
 
@@ -173,7 +173,7 @@ def main() -> None:
         run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
         for path, extra in PATHS.items():
             result[path] = run(args, extra, out, path)
-    add_protocol_seconds(result, args.dataset, ["reference", "fast"])
+    add_protocol_seconds(result, args.dataset, args.root, ["reference", "fast"])
     result["ratios"] = ratios(result["reference"], result["fast"])
     report(result, args.json)
 
