@@ -20,14 +20,14 @@ def test_protocol_seconds_counts_the_evaluations_the_trainer_makes(steps: int, f
     assert projected == pytest.approx(steps / 4.0 + 3.0 * evaluations, abs=0.06)  # rounded to 0.1 s
 
 
-def test_protocol_run_asks_the_dataset_and_ratios_compare_it() -> None:
-    assert bench_train.protocol_run("embedded", "unused") == {"steps": 1000, "checkpoint_freq": 100}
+def test_protocol_run_asks_the_dataset_and_ratios_compare_it(tmp_path: Path) -> None:
+    assert bench_train.protocol_run("embedded", str(tmp_path)) == {"steps": 1000, "checkpoint_freq": 100}
     result = {
         "protocol": {},
         "slow": {"steps_per_s": 1.0, "eval_seconds": 30.0, "wall_s": 10.0, "rss_mb": 100.0},
         "quick": {"steps_per_s": 2.0, "eval_seconds": 3.0, "wall_s": 5.0, "rss_mb": 50.0},
     }
-    bench_train.add_protocol_seconds(result, "embedded", "unused", ["slow", "quick"])
+    bench_train.add_protocol_seconds(result, "embedded", str(tmp_path), ["slow", "quick"])
     assert result["slow"]["protocol_s"] == pytest.approx(1000 + 11 * 30.0)
     ratios = bench_train.ratios(result["slow"], result["quick"])
     assert ratios["protocol_run"] == pytest.approx((1000 + 11 * 30.0) / (1000 / 2 + 11 * 3.0), abs=0.01)
