@@ -46,8 +46,10 @@ from dgbench.config import (
 from dgbench.data.base import MultiDomainDataset, resolve_test_envs
 from dgbench.data.pipeline import PipelineSpec, build_streams
 from dgbench.data.splits import split_indices
+from dgbench.devices import synchronize
 from dgbench.errors import ConfigError, DGBenchError
 from dgbench.loggers import build_sink, check_logger
+from dgbench.meter import StepMeter, mean_metrics
 from dgbench.records import (
     AVERAGED_FILE,
     RESULTS_FILE,
@@ -244,7 +246,7 @@ def _train(
         acc = {d: {"in": acc[d].get("in"), "out": acc[d]["out"]} for d in dataset.domains}
         return acc, float(np.mean([losses[d]["out"] for d in train_names])), skipped
 
-    meter: dict[str, list[float]] = defaultdict(list)
+    meter = StepMeter()
     step_seconds = 0.0
     skipped_images = 0  # unreadable images dropped since the last record (data.skip_corrupt)
     bar = tqdm(
@@ -261,19 +263,20 @@ def _train(
                 skipped_images += skipped
             with autocast:
                 metrics = algorithm.update(batches)
-            metrics.update(auxiliary_metrics(algorithm))  # e.g. MoE routing: expert load, dropped tokens
+            # read at the checkpoint, not now: a float per step would make the host wait for the GPU
+            meter.add(step, {**metrics, **auxiliary_metrics(algorithm)})  # + e.g. MoE routing metrics
             averaging.after_step(algorithm, step)
             step_seconds += time.perf_counter() - tick
-            if not math.isfinite(metrics["loss"]):
-                loss = metrics["loss"]
-                raise DivergedError(f"training loss became {loss} at step {step}; run marked failed")
-            for key, value in metrics.items():
-                meter[key].append(float(value))
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
 
             if step % freq == 0 or step == steps - 1:
-                means = {key: float(np.mean(values)) for key, values in meter.items()}
+                tick = time.perf_counter()
+                synchronize(device)  # the queued steps' time belongs to the steps, not the evaluation
+                step_seconds += time.perf_counter() - tick
+                per_step = meter.read()
+                _check_finite(per_step)
+                means = mean_metrics(per_step.values())
+                bar.set_postfix(loss=f"{means['loss']:.4f}", refresh=False)
                 eval_start = time.perf_counter()
                 acc, val_loss, eval_skipped = evaluate(algorithm)
                 means["eval_time"] = time.perf_counter() - eval_start  # seconds, what trainer.evaluate saves
@@ -287,7 +290,7 @@ def _train(
                     "loss": means.pop("loss"),
                     "metrics": means,
                     "acc": acc,
-                    "step_time": step_seconds / len(meter["loss"]),
+                    "step_time": step_seconds / len(per_step),
                     "mem_gb": _peak_memory_gb(device),
                 }
                 # Record first, then checkpoint: a crash in between leaves a record newer than the
@@ -319,6 +322,13 @@ def _train(
     return record
 
 
+def _check_finite(per_step: dict[int, dict[str, float]]) -> None:
+    """Fail at the first step whose training loss is NaN or infinite."""
+    for step, metrics in per_step.items():
+        if not math.isfinite(metrics["loss"]):
+            raise DivergedError(f"training loss became {metrics['loss']} at step {step}; run marked failed")
+
+
 def averaged_record(
     record: dict[str, Any], label: str, acc: dict[str, Any], val_loss: float
 ) -> dict[str, Any]:
@@ -343,18 +353,19 @@ def _evaluate(
     loss: dict[str, dict[str, float]] = defaultdict(dict)
     skipped_images = 0
     for (domain, split), batches in sources.items():
-        correct = total = 0
-        loss_sum = torch.zeros((), device=device)
+        total = 0
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # correct, loss: read once per split
         for x, y, skipped in batches():
             skipped_images += skipped
             x, y = _to_device((x, y), device, memory_format)
             with autocast:
                 logits = algorithm.predict(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-            correct += int((logits.argmax(dim=1) == y).sum())
+            sums[0] += (logits.argmax(dim=1) == y).sum()
+            sums[1] += F.cross_entropy(logits.float(), y, reduction="sum")
             total += len(y)
+        correct, loss_sum = sums.tolist()
         acc[domain][split] = correct / total if total else float("nan")
-        loss[domain][split] = loss_sum.item() / total if total else float("nan")
+        loss[domain][split] = loss_sum / total if total else float("nan")
     algorithm.train()
     return dict(acc), dict(loss), skipped_images
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from dgbench.algorithms.erm import ERMHParams
+from dgbench.algorithms.erm import ERM, ERMHParams
 from dgbench.checkpoint import CHECKPOINT_FILE
 from dgbench.config import OMITTED_AT_DEFAULT, run_id
 from dgbench.errors import ConfigError
@@ -18,6 +20,7 @@ from dgbench.runs import DONE_FILE, STATUS_FILE
 from dgbench.train import DivergedError, train
 
 FAST = ("trainer.steps=7", "trainer.checkpoint_freq=3", "algorithm.batch_size=8")
+ERM_UPDATE = ERM.update
 
 
 def test_run_writes_records_for_every_domain_and_a_done_marker(make_cfg):
@@ -138,6 +141,65 @@ def test_diverging_run_is_marked_failed(make_cfg):
     status = (run_dir / STATUS_FILE).read_text()
     assert '"failed"' in status and "DivergedError" in status
     assert not (run_dir / DONE_FILE).exists()
+
+
+def _counting_update(monkeypatch, metrics_at):
+    """ERM whose step-th update (from 0) also returns `metrics_at(step)`, merged over its own."""
+    steps = iter(range(10**6))
+
+    def update(self, batches):
+        return {**ERM_UPDATE(self, batches), **metrics_at(next(steps))}
+
+    monkeypatch.setattr(ERM, "update", update)
+
+
+def test_records_hold_each_metric_averaged_over_the_steps_since_the_last_record(make_cfg, monkeypatch):
+    """Metrics returned as device scalars or floats are read at the checkpoint, each step's once."""
+    _counting_update(monkeypatch, lambda step: {"step_as_tensor": torch.tensor(float(step)), "step": step})
+    result = train(make_cfg(*FAST), FAST)
+    records = read_records(result.run_dir / "results.jsonl")
+    # steps 0 | 1, 2, 3 | 4, 5, 6
+    assert [r["metrics"]["step_as_tensor"] for r in records] == [0.0, 2.0, 5.0]
+    assert [r["metrics"]["step"] for r in records] == [0.0, 2.0, 5.0]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records)
+
+
+def test_divergence_between_records_names_the_first_bad_step_and_writes_no_record_for_it(
+    make_cfg, monkeypatch
+):
+    _counting_update(monkeypatch, lambda step: {"loss": torch.tensor(math.nan)} if step >= 4 else {})
+    cfg = make_cfg(*FAST)
+    with pytest.raises(DivergedError, match="training loss became nan at step 4;"):
+        train(cfg, FAST)
+    (run_dir,) = (Path(cfg.output_dir) / "default").iterdir()
+    assert [r["step"] for r in read_records(run_dir / "results.jsonl")] == [0, 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu(make_cfg, monkeypatch):
+    """No `.item()`, no blocking copy, no other host sync from one checkpoint to the next, so the
+    host queues the next batch's kernels while the GPU still runs the current step. Any sync in
+    the steps raises (`torch.cuda.set_sync_debug_mode("error")`); the checkpoints' syncs are allowed."""
+    import dgbench.train as train_module
+
+    real_synchronize, real_save = train_module.synchronize, train_module.save_checkpoint
+
+    def synchronize(device):  # the first thing a checkpoint does
+        torch.cuda.set_sync_debug_mode("default")
+        real_synchronize(device)
+
+    def save_checkpoint(*args, **kwargs):  # the last thing a checkpoint does
+        real_save(*args, **kwargs)
+        torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(train_module, "synchronize", synchronize)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
+    overrides = [*FAST, "data.pipeline=fast", "trainer.device=cuda"]
+    try:
+        result = train(make_cfg(*overrides), overrides)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [r["step"] for r in read_records(result.run_dir / "results.jsonl")] == [0, 3, 6]
 
 
 def test_domainbed_protocol_augments_only_training_domains_out_split(make_cfg):

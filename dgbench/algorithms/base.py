@@ -20,6 +20,9 @@ from dgbench.errors import ConfigError
 from dgbench.hparams import Choice, IntLogUniform, LogUniform, hparam
 
 DomainBatch = tuple[Tensor, Tensor]
+# What `update` returns: floats or scalar tensors. A detached tensor (`loss.detach()`) spares the
+# device sync of `.item()`; the trainer reads every step's metrics at the next checkpoint.
+Metrics = dict[str, float | Tensor]
 SMALL_IMAGE_PX = 64  # inputs up to this size (embedded 32 px, MNIST 28 px) get `BackboneNeed.small`
 
 
@@ -118,7 +121,7 @@ class Algorithm(nn.Module):
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(backbone.n_outputs, num_classes))
         self.total_steps: int | None = None  # set by the trainer before the first update
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         """One training step on one minibatch per training domain; returns metrics (with "loss")."""
         raise NotImplementedError
 

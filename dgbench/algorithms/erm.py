@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.registry import ALGORITHMS
 
@@ -39,7 +39,7 @@ class ERM(Algorithm):
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         logits = self.predict(x)
@@ -50,9 +50,8 @@ class ERM(Algorithm):
         (objective + auxiliary_loss(self)).backward()
         self.optimizer.step()
         if penalty is None:
-            return {"loss": loss.item()}
-        values = torch.stack([loss.detach(), penalty.detach().float()]).tolist()
-        return {"loss": values[0], "penalty": values[1]}
+            return {"loss": loss.detach()}
+        return {"loss": loss.detach(), "penalty": penalty.detach()}
 
     def logit_penalty(self, logits: Tensor) -> Tensor | None:
         """A term on the pooled logits added to the CE (with `penalty_weight`); None for ERM.

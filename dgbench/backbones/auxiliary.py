@@ -38,13 +38,16 @@ class AuxiliaryLayer(nn.Module):
         loss, self._pending_loss = self._pending_loss, None
         return loss
 
+    def metric_tensors(self) -> dict[str, Tensor]:
+        """The latest forward's metrics as device scalars, keyed `<metric_prefix>/<name>` (no device sync)."""
+        prefix = self.metric_prefix
+        return {f"{prefix}/{name}": value.float().reshape(()) for name, value in self._metrics.items()}
+
     def metrics(self) -> dict[str, float]:
-        """The latest forward's metrics as floats, keyed `<metric_prefix>/<name>` (one device sync)."""
-        if not self._metrics:
-            return {}
-        names = list(self._metrics)
-        values = torch.stack([self._metrics[n].float().reshape(()) for n in names]).tolist()
-        return {f"{self.metric_prefix}/{name}": value for name, value in zip(names, values, strict=True)}
+        """`metric_tensors()` as floats (one device sync)."""
+        tensors = self.metric_tensors()
+        values = torch.stack(list(tensors.values())).tolist() if tensors else []
+        return dict(zip(tensors, values, strict=True))
 
 
 def auxiliary_layers(network: nn.Module) -> list[AuxiliaryLayer]:
@@ -63,9 +66,9 @@ def auxiliary_loss(network: nn.Module) -> Tensor | float:
     return torch.stack([t.float() for t in terms]).sum()
 
 
-def auxiliary_metrics(network: nn.Module) -> dict[str, float]:
-    """The metrics every auxiliary layer of `network` recorded in its latest forward."""
-    merged: dict[str, float] = {}
+def auxiliary_metrics(network: nn.Module) -> dict[str, Tensor]:
+    """The metrics every auxiliary layer of `network` recorded in its latest forward, as device scalars."""
+    merged: dict[str, Tensor] = {}
     for layer in auxiliary_layers(network):
-        merged.update(layer.metrics())
+        merged.update(layer.metric_tensors())
     return merged

@@ -74,6 +74,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dgbench.devices import to_device
+
 # Colour-op codes in `AugmentParams.order`, as in `TrainTransform._color_jitter`.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 GRAYSCALE = 4  # not a colour-jitter op: RandomGrayscale, after them (`_Schedule`)
@@ -118,7 +120,7 @@ class AugmentParams:
         return int(self.top.shape[0])
 
     def to(self, device: torch.device | str) -> AugmentParams:
-        return AugmentParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return AugmentParams(**{f.name: to_device(getattr(self, f.name), device) for f in fields(self)})
 
     def __getitem__(self, index: slice | Tensor) -> AugmentParams:
         """The parameters of a subset of the samples (a slice, index tensor or boolean mask)."""
@@ -249,7 +251,7 @@ def _nhwc(images: Tensor) -> Tensor:
 
 
 def _scalar(value: float, like: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return torch.tensor(value, dtype=dtype, device=like.device)
+    return torch.full((), value, dtype=dtype, device=like.device)  # a fill: no host-to-device copy
 
 
 def _to_float(images: Tensor) -> Tensor:
@@ -274,8 +276,8 @@ def _chunk_size(batch: int, floats_per_sample: int, device: torch.device) -> int
 
 
 def _normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    m = to_device(torch.tensor(mean, dtype=x.dtype), x.device).view(1, -1, 1, 1)
+    s = to_device(torch.tensor(std, dtype=x.dtype), x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)
 
 
@@ -385,7 +387,7 @@ def _shift_hue(x: Tensor, shift: Tensor) -> Tensor:
     h6 = _select((maxc - r).sign_(), g - b, g_or_b)
     # Where delta = 0 the numerator is 0 too (hue 0, as torchvision); any positive divisor works.
     h6.div_(delta.clamp(min=1e-30)).add_(shift * 6)
-    k = h6 + _HUE_OFFSETS.to(x.device)
+    k = h6 + to_device(_HUE_OFFSETS, x.device)
     # k mod 6 as k - 6 floor(k / 6): the ramp below is continuous and 6-periodic, so a
     # rounding step at a multiple of 6 changes nothing (remainder() is ~10x slower on CPU).
     k.sub_(k.mul(1 / 6).floor_(), alpha=6)
@@ -467,7 +469,7 @@ class _Schedule:
             for code, samples in groups.items():
                 add(code, samples)
         add(GRAYSCALE, [i for i, gray in enumerate(params.grayscale.tolist()) if gray])
-        index = torch.tensor(flat).to(device, non_blocking=True) if flat else None
+        index = to_device(torch.tensor(flat), device) if flat else None
         return cls(steps, index)
 
 
@@ -488,7 +490,7 @@ def _normalization(mean: Sequence[float], std: Sequence[float], device: torch.de
     """(scale, offset), each (1, 3, 1, 1): (x - mean) / std as x * scale + offset (within 1 ulp)."""
     inv_std = 1 / torch.as_tensor(std, dtype=torch.float64)
     offset = -torch.as_tensor(mean, dtype=torch.float64) * inv_std
-    return inv_std.float().to(device).view(1, 3, 1, 1), offset.float().to(device).view(1, 3, 1, 1)
+    return tuple(to_device(t.float(), device).view(1, 3, 1, 1) for t in (inv_std, offset))
 
 
 def augment_batch(

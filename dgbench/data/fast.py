@@ -37,6 +37,7 @@ from torch import Tensor
 from dgbench.data.base import DomainData
 from dgbench.data.batch_augment import augment_batch, eval_batch, sample_params
 from dgbench.data.loaders import StepBatchSampler
+from dgbench.devices import to_device
 from dgbench.errors import ConfigError, DataError
 from dgbench.hparams import seed_hash
 
@@ -110,10 +111,11 @@ class FastSplit:
                     f"--decode` to list the corrupt files"
                 )
         if self.images is not None:
-            index = torch.from_numpy(positions).to(self.device)
+            index = to_device(torch.from_numpy(positions), self.device)
             return self.images[index], self.labels[index], skipped
         images = torch.from_numpy(self.source[self.rows[positions]])  # a gather copies just these rows
-        return images.to(self.device), self.labels[torch.from_numpy(positions)].to(self.device), skipped
+        labels = self.labels[torch.from_numpy(positions)]
+        return to_device(images, self.device), to_device(labels, self.device), skipped
 
 
 def train_batches(

@@ -96,7 +96,11 @@ def make_steps(steps: int, seed: int = 0) -> list[list[tuple[Tensor, Tensor]]]:
 def check_metrics(metrics: Any) -> dict[str, float]:
     assert isinstance(metrics, dict) and "loss" in metrics, metrics
     for key, value in metrics.items():
-        assert isinstance(key, str) and isinstance(value, Real) and not isinstance(value, bool), (key, value)
+        assert isinstance(key, str), key
+        if isinstance(value, Tensor):  # a device scalar the trainer reads at checkpoints: no graph kept
+            assert value.ndim == 0 and value.is_floating_point() and not value.requires_grad, (key, value)
+        else:
+            assert isinstance(value, Real) and not isinstance(value, bool), (key, value)
     assert math.isfinite(metrics["loss"]), metrics
     return {k: float(v) for k, v in metrics.items()}
 
