@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one go, for a machine lent for a few minutes:
+#   1. the CUDA-only tests (CUDA augmentation against CPU; no host sync between checkpoints),
+#   2. tools/check_cuda.py (every algorithm under bf16 + channels_last; ResNet-50 fp32 vs bf16),
+#   3. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast),
+#   4. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32).
+# Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
+# step is reported and the next one still runs. The exit status is the number of failed steps.
+#
+#   bash tools/gpu_checks.sh DATA_ROOT OUT_DIR     (DATA_ROOT holds PACS/)
+set -u
+if [ $# -ne 2 ]; then
+    echo "usage: bash tools/gpu_checks.sh DATA_ROOT OUT_DIR  (DATA_ROOT holds PACS/)" >&2
+    exit 2
+fi
+root=$1
+out=$2
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+failed=0
+
+step() {  # step NAME COMMAND...: run it, keep its log, say how it went
+    local name=$1
+    shift
+    local start=$SECONDS
+    echo "== $name: $*"
+    if "$@" >"$out/$name.log" 2>&1; then
+        echo "== $name: ok ($((SECONDS - start)) s)"
+    else
+        echo "== $name: FAILED with status $? ($((SECONDS - start)) s); the end of $out/$name.log:"
+        tail -n 30 "$out/$name.log"
+        failed=$((failed + 1))
+    fi
+}
+
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
+step tests python -m pytest -q -rs -p no:cacheprovider \
+    "tests/test_train.py::test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu" \
+    "tests/data/test_batch_augment.py::test_cuda_matches_cpu"
+step check_cuda python tools/check_cuda.py --json "$out/check_cuda.json"
+step bench_data_pipeline python tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
+    --json "$out/bench_data_pipeline.json"
+step bench_train python tools/bench_train.py --root "$root" --device cuda --json "$out/bench_train.json"
+tail -n 25 "$out/bench_train.log"
+exit $failed
