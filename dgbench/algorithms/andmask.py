@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, autograd, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Uniform, hparam
 from dgbench.registry import ALGORITHMS
@@ -80,7 +80,7 @@ class ANDMask(Algorithm):
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         params = [p for p in self.parameters() if p.requires_grad]
         per_domain: list[list[Tensor]] = []
         auxiliary: list[list[Tensor]] = []
@@ -102,4 +102,4 @@ class ANDMask(Algorithm):
                     grad = grad + torch.stack([a[i] for a in auxiliary]).sum(0) / len(batches)
                 param.grad = grad
         self.optimizer.step()
-        return {"loss": torch.stack(losses).mean().item()}
+        return {"loss": torch.stack(losses).mean().detach()}

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import hparam
 from dgbench.registry import ALGORITHMS
@@ -163,14 +163,14 @@ class ARM(Algorithm):
             self.context_net.requires_grad_(False)
         self.optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         loss = F.cross_entropy(self.adapted_logits(x, [len(x) for x, _ in batches]), y)
         self.optimizer.zero_grad(set_to_none=True)
         (loss + auxiliary_loss(self)).backward()
         self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     def predict(self, x: Tensor) -> Tensor:
         return self.adapted_logits(x, support_sizes(len(x), int(self.cfg.batch_size)))

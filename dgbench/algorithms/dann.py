@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, autograd, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, IntLogUniform, LogUniform, hparam
 from dgbench.registry import ALGORITHMS
@@ -144,7 +144,7 @@ class AbstractDANN(Algorithm):
         penalty = input_grad.pow(2).sum(dim=1).mean(dim=0)
         return loss + self.cfg.grad_penalty * penalty, penalty
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         self.update_count += 1
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
@@ -164,7 +164,7 @@ class AbstractDANN(Algorithm):
             self.disc_opt.step()
             with torch.no_grad():
                 classifier_loss = F.cross_entropy(self.classifier(z), y)
-            values = torch.stack([classifier_loss, disc_loss.detach(), penalty.detach()]).tolist()
+            values = torch.stack([classifier_loss, disc_loss.detach(), penalty.detach()]).unbind()
             return {"loss": values[0], "disc_loss": values[1], "grad_penalty": values[2], "d_step": 1.0}
 
         classifier_loss = F.cross_entropy(self.classifier(z), y)
@@ -173,7 +173,7 @@ class AbstractDANN(Algorithm):
         self.gen_opt.zero_grad(set_to_none=True)
         (gen_loss + extra).backward()
         self.gen_opt.step()
-        values = torch.stack([classifier_loss, disc_loss, penalty, gen_loss]).detach().tolist()
+        values = torch.stack([classifier_loss, disc_loss, penalty, gen_loss]).detach().unbind()
         return {
             "loss": values[0],
             "disc_loss": values[1],

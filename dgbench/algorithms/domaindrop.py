@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.backbones.stages import (
     apply_channel_mask,
@@ -150,7 +150,7 @@ class DomainDrop(Algorithm):
             self.parameters(), lr=self.cfg.lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=wd
         )
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         d = torch.cat([torch.full_like(y, i) for i, (_, y) in enumerate(batches)])
@@ -181,7 +181,7 @@ class DomainDrop(Algorithm):
 
         with torch.no_grad():
             domain_acc = torch.stack([(z.argmax(1) == d).float().mean() for z in domain_logits]).mean()
-            values = torch.stack([class_loss, loss, domain_loss, domain_acc, kl_loss]).tolist()
+            values = torch.stack([class_loss, loss, domain_loss, domain_acc, kl_loss]).unbind()
         names = ("loss", "total_loss", "domain_loss", "domain_acc", "kl_loss")
         return {**dict(zip(names, values, strict=True)), "dropped_stage": float(_stage_number(drop_at))}
 

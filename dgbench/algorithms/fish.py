@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.algorithms.snapshot import copy_state, network_state
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, hparam, seed_hash
@@ -106,7 +106,7 @@ class Fish(Algorithm):
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"inner_optimizer": self.inner_optimizer}
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         network = self.network_state()
         theta = self._snapshot(network)
         losses = []
@@ -119,8 +119,8 @@ class Fish(Algorithm):
             losses.append(loss.detach().float())
         self._meta_step(network, theta, float(self.cfg.meta_lr))
         self.update_count += 1
-        values = torch.stack(losses).tolist()  # one device sync for all inner losses
-        return {"loss": values[-1], "inner_loss_mean": sum(values) / len(values)}
+        values = torch.stack(losses)
+        return {"loss": values[-1], "inner_loss_mean": values.double().mean()}
 
     def network_state(self) -> list[Tensor]:
         """θ: the featurizer's and classifier's state_dict tensors (see `network_state`)."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import LogUniform, hparam
 from dgbench.registry import ALGORITHMS
@@ -71,7 +71,7 @@ class GroupDRO(Algorithm):
         self.optimizer = self.make_optimizer()
         self.register_buffer("q", torch.full((num_domains,), 1.0 / num_domains))
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         if len(batches) != self.q.numel():
             raise ValueError(f"GroupDRO was built for {self.q.numel()} domains, got {len(batches)} batches")
         losses: list[Tensor] = []
@@ -87,7 +87,7 @@ class GroupDRO(Algorithm):
         (robust_loss + extra).backward()
         self.optimizer.step()
 
-        values = torch.cat([domain_losses.detach().mean()[None], robust_loss.detach()[None], self.q]).tolist()
+        values = torch.cat([domain_losses.detach().mean()[None], robust_loss.detach()[None], self.q]).unbind()
         metrics = {"loss": values[0], "robust_loss": values[1]}
         metrics.update({f"q{d}": value for d, value in enumerate(values[2:])})
         return metrics

@@ -35,7 +35,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.algorithms.pairs import random_pairs_of_minibatches
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import LogUniform, hparam
@@ -78,7 +78,7 @@ class Mixup(Algorithm):
         alpha = float(self.cfg.mixup_alpha)
         return float(np.random.beta(alpha, alpha))
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         objective: Tensor | float = 0.0
         extra: Tensor | float = 0.0
         for (x_i, y_i), (x_j, y_j) in random_pairs_of_minibatches(batches):
@@ -91,4 +91,4 @@ class Mixup(Algorithm):
         self.optimizer.zero_grad(set_to_none=True)
         (objective + extra).backward()
         self.optimizer.step()
-        return {"loss": objective.item()}
+        return {"loss": objective.detach()}

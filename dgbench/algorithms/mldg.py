@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.algorithms.pairs import BatchPair, random_pairs_of_minibatches, split_meta_train_test
 from dgbench.algorithms.snapshot import copy_state, network_state
 from dgbench.backbones.auxiliary import auxiliary_loss
@@ -102,7 +102,7 @@ class MLDG(Algorithm):
             return split_meta_train_test(batches, int(self.cfg.n_meta_test))
         return random_pairs_of_minibatches(batches)
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         num_batches = len(batches)
         beta = float(self.cfg.mldg_beta)
         params = [p for p in self.parameters() if p.requires_grad]
@@ -137,16 +137,11 @@ class MLDG(Algorithm):
             p.grad = g
         self.optimizer.step()
 
-        values = torch.stack([torch.stack(train_losses), torch.stack(test_losses)]).tolist()  # one sync
-        objective = 0.0
-        for loss_i_value, loss_j_value in zip(*values, strict=True):
-            objective += loss_i_value
-            objective += beta * loss_j_value
-        objective /= num_batches
+        train, test = torch.stack(train_losses).double(), torch.stack(test_losses).double()
         return {
-            "loss": objective,
-            "meta_train_loss": sum(values[0]) / len(values[0]),
-            "meta_test_loss": sum(values[1]) / len(values[1]),
+            "loss": (train + beta * test).sum() / num_batches,
+            "meta_train_loss": train.mean(),
+            "meta_test_loss": test.mean(),
         }
 
     def network_state(self) -> list[Tensor]:

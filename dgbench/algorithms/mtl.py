@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, hparam
 from dgbench.registry import ALGORITHMS
@@ -112,7 +112,7 @@ class MTL(Algorithm):
             self.embeddings[domain].copy_(embedding.detach())
         return self.head(features, embedding)
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         if len(batches) != self.embeddings.shape[0]:
             raise ValueError(
                 f"MTL was built for {self.embeddings.shape[0]} domains, got {len(batches)} batches"
@@ -127,5 +127,5 @@ class MTL(Algorithm):
         self.optimizer.zero_grad(set_to_none=True)
         (objective + sum(auxiliary) / len(auxiliary)).backward()
         self.optimizer.step()
-        values = torch.stack([domain_losses.detach().mean(), objective.detach()]).tolist()
+        values = torch.stack([domain_losses.detach().mean(), objective.detach()]).unbind()
         return {"loss": values[0], "objective": values[1]}

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.backbones.lora import add_lora_group, is_vit_with_fused_qkv, orthogonality_terms
 from dgbench.hparams import LogUniform, hparam
@@ -116,7 +116,7 @@ class PEGO(Algorithm):
         )
         self.optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         ce = F.cross_entropy(self.predict(x), y)
@@ -126,5 +126,5 @@ class PEGO(Algorithm):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        values = torch.stack([v.detach().float() for v in (ce, ortho, preserve, diversify)]).tolist()
+        values = torch.stack([v.detach().float() for v in (ce, ortho, preserve, diversify)]).unbind()
         return dict(zip(("loss", "ortho_loss", "ortho_preserve", "ortho_diversify"), values, strict=True))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.algorithms.penalties import mean_pairwise_penalty
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import LogUniform, hparam
@@ -81,7 +81,7 @@ class PenaltyAlgorithm(Algorithm):
         """(nll, penalty, auxiliary loss of the forwards differentiated) for this step."""
         raise NotImplementedError
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         weight = self.penalty_weight()
         nll, penalty, auxiliary = self.losses(batches)
         objective = nll + weight * penalty
@@ -92,7 +92,7 @@ class PenaltyAlgorithm(Algorithm):
         (objective + auxiliary).backward()
         self.optimizer.step()
         self.update_count += 1
-        values = torch.stack([t.detach().float() for t in (nll, penalty, objective)]).tolist()
+        values = torch.stack([t.detach().float() for t in (nll, penalty, objective)]).unbind()
         return dict(zip(("loss", "penalty", "objective"), values, strict=True))
 
     # Forwards, as DomainBed runs them.

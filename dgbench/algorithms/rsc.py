@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, autograd, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.errors import ConfigError
 from dgbench.hparams import Uniform, hparam
@@ -118,7 +118,7 @@ class RSC(Algorithm):
             return head[0], head[1]
         return nn.Identity(), head
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         dropout, head = self.split_head()
@@ -140,5 +140,5 @@ class RSC(Algorithm):
         with torch.no_grad():
             loss = F.cross_entropy(logits, y)
             challenged = (~keep_b).float().mean()
-            values = torch.stack([loss.float(), rsc_loss.detach().float(), challenged]).tolist()
+            values = torch.stack([loss.float(), rsc_loss.detach().float(), challenged]).unbind()
         return dict(zip(("loss", "rsc_loss", "challenged"), values, strict=True))

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.algorithms.penalty_base import full_precision
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.errors import ConfigError
@@ -158,7 +158,7 @@ class SagNet(Algorithm):
         with full_precision(z.device):
             return randomize(z.float(), what, *self.mixing(z.shape[0], z.device))
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
 
@@ -187,5 +187,5 @@ class SagNet(Algorithm):
         loss_adv.backward()
         self.optimizer_f.step()
 
-        values = torch.stack([loss_c.detach().float(), loss_s.detach().float(), loss_adv.detach()]).tolist()
+        values = torch.stack([loss_c.detach().float(), loss_s.detach().float(), loss_adv.detach()]).unbind()
         return {"loss": values[0], "loss_s": values[1], "loss_adv": values[2]}

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, hparam
 from dgbench.registry import ALGORITHMS
@@ -247,8 +247,8 @@ class SAM(Algorithm):
         self.optimizer.step()
         return result
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         result = self.sam_step(lambda: F.cross_entropy(self.predict(x), y) + auxiliary_loss(self))
-        return {"loss": result.loss.item(), "loss_perturbed": result.loss_perturbed.item()}
+        return {"loss": result.loss.detach(), "loss_perturbed": result.loss_perturbed.detach()}

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch
+from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.registry import ALGORITHMS
 
@@ -130,7 +130,7 @@ class SelfReg(Algorithm):
         self.cdpl = projection_head(backbone.n_outputs)
         self.optimizer = self.make_optimizer()
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         x = torch.cat([x for x, _ in batches])
         y = torch.cat([y for _, y in batches])
         lam = float(np.random.beta(BETA_ALPHA, BETA_ALPHA))

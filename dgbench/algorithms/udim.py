@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dgbench.algorithms.base import DomainBatch
+from dgbench.algorithms.base import DomainBatch, Metrics
 from dgbench.algorithms.sam import (
     SAM,
     SAMHParams,
@@ -241,7 +241,7 @@ class UDIM(SAM):
                 return super().predict(x)
         return super().predict(x)
 
-    def update(self, batches: Sequence[DomainBatch]) -> dict[str, float]:
+    def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         if self.in_udim_phase():
             with self._bn_context():
                 metrics = self.udim_step(batches)
@@ -321,12 +321,12 @@ class UDIM(SAM):
         assign_grads(params, total)
         self.optimizer.step()
         return {
-            "loss": crafted.loss.item(),
-            "loss_perturbed": loss_perturbed.item(),
-            "udim_objective": crafted.objective.item(),
-            "inconsistency": inc.item(),
-            "inconsistency_var": var_term.item(),
-            "inconsistency_norm": norm_term.item(),
+            "loss": crafted.loss.detach(),
+            "loss_perturbed": loss_perturbed.detach(),
+            "udim_objective": crafted.objective.detach(),
+            "inconsistency": inc.detach(),
+            "inconsistency_var": var_term.detach(),
+            "inconsistency_norm": norm_term.detach(),
         }
 
 
