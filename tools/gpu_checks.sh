@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every check that needs a GPU, in one go, for a machine lent for a few minutes:
+# Every check that needs a GPU, in one go, for a machine lent for a few minutes; the most
+# wanted first, so a run cut short still leaves them:
 #   1. the CUDA-only tests (CUDA augmentation against CPU; no host sync between checkpoints),
-#   2. tools/check_cuda.py (every algorithm under bf16 + channels_last; ResNet-50 fp32 vs bf16),
+#   2. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32),
 #   3. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast),
-#   4. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32).
+#   4. tools/check_cuda.py (every algorithm under bf16 + channels_last; ResNet-50 fp32 vs bf16).
 # Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
 # step is reported and the next one still runs. The exit status is the number of failed steps.
 #
@@ -37,9 +38,9 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 step tests python -m pytest -q -rs -p no:cacheprovider \
     "tests/test_train.py::test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu" \
     "tests/data/test_batch_augment.py::test_cuda_matches_cpu"
-step check_cuda python tools/check_cuda.py --json "$out/check_cuda.json"
-step bench_data_pipeline python tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
-    --json "$out/bench_data_pipeline.json"
 step bench_train python tools/bench_train.py --root "$root" --device cuda --json "$out/bench_train.json"
 tail -n 25 "$out/bench_train.log"
+step bench_data_pipeline python tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
+    --json "$out/bench_data_pipeline.json"
+step check_cuda python tools/check_cuda.py --json "$out/check_cuda.json"
 exit $failed
