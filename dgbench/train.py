@@ -15,7 +15,7 @@ import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,7 +262,7 @@ def _train(
                 batches.append(_to_device((x, y), device, memory_format))
                 skipped_images += skipped
             with autocast:
-                metrics = algorithm.update(batches)
+                metrics = _require_loss(algorithm.update(batches), cfg.algorithm.name)
             # read at the checkpoint, not now: a float per step would make the host wait for the GPU
             meter.add(step, {**metrics, **auxiliary_metrics(algorithm)})  # + e.g. MoE routing metrics
             averaging.after_step(algorithm, step)
@@ -320,6 +320,16 @@ def _train(
     bar.close()
     sink.finish()
     return record
+
+
+def _require_loss(metrics: Any, algorithm: str) -> Mapping[str, Any]:
+    """`metrics` if it is what `Algorithm.update` must return; a message for a plugin author otherwise."""
+    if not isinstance(metrics, Mapping) or "loss" not in metrics:
+        raise DGBenchError(
+            f"algorithm {algorithm}: update() returned {metrics!r}; it must return a dict of metrics "
+            f"with a 'loss' entry (floats or scalar tensors), e.g. {{'loss': loss.detach()}}"
+        )
+    return metrics
 
 
 def _check_finite(per_step: dict[int, dict[str, float]]) -> None:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from dgbench.algorithms.erm import ERM, ERMHParams
 from dgbench.checkpoint import CHECKPOINT_FILE
 from dgbench.config import OMITTED_AT_DEFAULT, run_id
-from dgbench.errors import ConfigError
+from dgbench.errors import ConfigError, DGBenchError
 from dgbench.hparams import sample_hparams
 from dgbench.records import RECORD_KEYS, read_records, without_timing
 from dgbench.results import aggregate, load_results
@@ -173,6 +173,13 @@ def test_divergence_between_records_names_the_first_bad_step_and_writes_no_recor
         train(cfg, FAST)
     (run_dir,) = (Path(cfg.output_dir) / "default").iterdir()
     assert [r["step"] for r in read_records(run_dir / "results.jsonl")] == [0, 3]
+
+
+@pytest.mark.parametrize("returned", [None, {"objective": 1.0}])
+def test_an_update_without_a_loss_is_named(make_cfg, monkeypatch, returned):
+    monkeypatch.setattr(ERM, "update", lambda self, batches: returned)
+    with pytest.raises(DGBenchError, match=r"algorithm erm: update\(\) returned .*'loss' entry"):
+        train(make_cfg(*FAST), FAST)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
