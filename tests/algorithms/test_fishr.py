@@ -240,7 +240,7 @@ def test_weight_zero_then_lambda_with_a_single_adam_reset_and_the_ema_updated_th
         metrics = algorithm.update(make_batches(seed=step))
         assert metrics["penalty"] > 0 and not torch.equal(before_ema, algorithm.ema_variance)
         assert metrics["objective"] == pytest.approx(
-            metrics["loss"] + weights[-1] * metrics["penalty"], rel=1e-6
+            float(metrics["loss"] + weights[-1] * metrics["penalty"]), rel=1e-6
         )
         assert (algorithm.optimizer is not before_opt) == (step == 3)
         adam_steps = int(next(iter(algorithm.optimizer.state.values()))["step"])
@@ -262,7 +262,7 @@ def test_zero_penalty_weight_steps_equal_erm_steps(hparams):
         torch.manual_seed(step)
         metrics = algorithm.update(batches)
         torch.manual_seed(step)
-        assert metrics["loss"] == pytest.approx(erm.update(batches)["loss"], rel=1e-6)
+        assert metrics["loss"] == pytest.approx(float(erm.update(batches)["loss"]), rel=1e-6)
         assert metrics["objective"] == metrics["loss"]
     for (key, p), (erm_key, q) in zip(algorithm.named_parameters(), erm.named_parameters(), strict=True):
         assert key == erm_key

@@ -229,7 +229,9 @@ def test_annealing_weights_and_a_single_adam_reset_at_the_switch(name, hparams, 
         weight = algorithm.penalty_weight()
         seen_weights.append(weight)
         metrics = algorithm.update(batches)
-        assert metrics["objective"] == pytest.approx(metrics["loss"] + weight * metrics["penalty"], rel=1e-5)
+        assert metrics["objective"] == pytest.approx(
+            float(metrics["loss"] + weight * metrics["penalty"]), rel=1e-5
+        )
         assert (algorithm.optimizer is not before) == (step == reset_at)
         adam_steps = int(next(iter(algorithm.optimizer.state.values()))["step"])
         assert adam_steps == (step + 1 if reset_at is None or step < reset_at else step - reset_at + 1)
@@ -275,8 +277,8 @@ def test_zero_penalty_weight_update_equals_an_erm_update(name, hparams):
     erm.load_state_dict({k: v for k, v in algorithm.state_dict().items() if k != "update_count"})
     for batches in make_batches(2):
         metrics, erm_metrics = algorithm.update(batches), erm.update(batches)
-        assert metrics["loss"] == pytest.approx(erm_metrics["loss"], rel=1e-6)
-        assert metrics["objective"] == pytest.approx(erm_metrics["loss"], rel=1e-6)
+        assert metrics["loss"] == pytest.approx(float(erm_metrics["loss"]), rel=1e-6)
+        assert metrics["objective"] == pytest.approx(float(erm_metrics["loss"]), rel=1e-6)
     for (key, p), (erm_key, q) in zip(algorithm.named_parameters(), erm.named_parameters(), strict=True):
         assert key == erm_key
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
