@@ -34,13 +34,13 @@ step() {  # step NAME COMMAND...: run it, keep its log, say how it went
     fi
 }
 
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
-step tests python -m pytest -q -rs -p no:cacheprovider \
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
+step tests python3 -m pytest -q -rs -p no:cacheprovider \
     "tests/test_train.py::test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu" \
     "tests/data/test_batch_augment.py::test_cuda_matches_cpu"
-step bench_train python tools/bench_train.py --root "$root" --device cuda --json "$out/bench_train.json"
+step bench_train python3 tools/bench_train.py --root "$root" --device cuda --json "$out/bench_train.json"
 tail -n 25 "$out/bench_train.log"
-step bench_data_pipeline python tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
+step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
     --json "$out/bench_data_pipeline.json"
-step check_cuda python tools/check_cuda.py --json "$out/check_cuda.json"
+step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 exit $failed
