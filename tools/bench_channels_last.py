@@ -1,0 +1,128 @@
+"""Side by side on the CPU: ERM steps and evaluation in the default (NCHW) memory format vs channels_last.
+
+`trainer.channels_last` decides the model's and the batches' memory format. oneDNN's CPU
+convolutions prefer channels-last; whether that pays depends on the backbone, so this measures
+each one the trainer offers: the same ERM model (same seed), the same random batches (3 domains x
+`--batch`), `--repeats` rounds alternating the two formats, each round one untimed step, then
+`--steps` timed training steps and one timed evaluation forward of `--eval-batch` images under
+`torch.inference_mode`. Reported: the median seconds of each and the ratio NCHW / channels_last
+(above 1: channels_last is faster).
+
+    python tools/bench_channels_last.py [--backbones resnet18,resnet50,efficientnet_lite0,small_cnn]
+        [--resolution 224] [--batch 32] [--steps 2] [--repeats 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as dgbench.cli.quiet_openmp
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_algorithms  # tools/ is on sys.path when run as a script
+import torch
+from bench_data_pipeline import machine_info
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dgbench.cli import conf_dir
+from dgbench.components import load_components
+
+DOMAINS = 3
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def backbone_config(name: str) -> Any:
+    """The backbone the trainer builds for `backbone=<name>` (Hydra preset), with random weights."""
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"backbone={name}", "backbone.pretrained=false"])
+    return OmegaConf.to_object(cfg.backbone)
+
+
+def batches(batch: int, resolution: int, memory_format: torch.memory_format) -> list[tuple]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(batch, 3, resolution, resolution, generator=g).contiguous(
+                memory_format=memory_format
+            ),
+            torch.randint(0, bench_algorithms.NUM_CLASSES, (batch,), generator=g),
+        )
+        for _ in range(DOMAINS)
+    ]
+
+
+def one_round(name: str, memory_format: torch.memory_format, args: argparse.Namespace) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation forward) of one fresh model."""
+    algorithm = bench_algorithms.build("erm", backbone_config(name), DOMAINS, args.batch, torch.device("cpu"))
+    algorithm.to(memory_format=memory_format)
+    data = batches(args.batch, args.resolution, memory_format)
+    algorithm.update(data)  # untimed: first-call allocations and kernel selection
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        algorithm.update(data)
+    step = (time.perf_counter() - start) / args.steps
+    images = torch.randn(args.eval_batch, 3, args.resolution, args.resolution).contiguous(
+        memory_format=memory_format
+    )
+    algorithm.eval()
+    with torch.inference_mode():
+        algorithm.predict(images[:2])
+        start = time.perf_counter()
+        algorithm.predict(images)
+        evaluation = time.perf_counter() - start
+    return step, evaluation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default="resnet18,resnet50,efficientnet_lite0,small_cnn")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32, help="images per training domain")
+    parser.add_argument("--eval-batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2, help="timed training steps per round")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds per format, alternating")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args()
+    load_components()
+    report: dict[str, Any] = {
+        "machine": machine_info(argparse.Namespace(device="cpu")),
+        "settings": vars(args),
+        "backbones": {},
+    }
+    print(
+        f"{DOMAINS} x {args.batch} images at {args.resolution} px, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    for name in args.backbones.split(","):
+        times: dict[str, list[tuple[float, float]]] = {f: [] for f in FORMATS}
+        for _ in range(args.repeats):
+            for label, memory_format in FORMATS.items():
+                times[label].append(one_round(name, memory_format, args))
+        row: dict[str, Any] = {}
+        for label in FORMATS:
+            row[label] = {
+                "step_s": round(statistics.median(t for t, _ in times[label]), 3),
+                "eval_s": round(statistics.median(e for _, e in times[label]), 3),
+            }
+        row["ratio_step"] = round(row["nchw"]["step_s"] / row["channels_last"]["step_s"], 2)
+        row["ratio_eval"] = round(row["nchw"]["eval_s"] / row["channels_last"]["eval_s"], 2)
+        report["backbones"][name] = row
+        nchw, last = row["nchw"], row["channels_last"]
+        print(
+            f"{name:20s} train step {nchw['step_s']:7.3f} s vs {last['step_s']:7.3f} s "
+            f"({row['ratio_step']:.2f}x)   eval {args.eval_batch} images {nchw['eval_s']:7.3f} s vs "
+            f"{last['eval_s']:7.3f} s ({row['ratio_eval']:.2f}x)",
+            flush=True,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
