@@ -85,7 +85,7 @@ class TrainerConfig:
     num_workers: int | None = None
     eval_batch_size: int = 256
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = True  # channels_last memory format on CUDA (ignored on CPU)
+    channels_last: bool = True  # channels_last model and batches (faster convolutions on CUDA and CPU)
     deterministic: bool = False  # CUDA: deterministic kernels, no cudnn.benchmark autotuning (slower)
     compile: bool = False  # torch.compile the featurizer (its first steps compile: worth it for long runs)
     evaluate: EvalSplits = EvalSplits.all  # all | selection (skip the training domains' `in` splits)

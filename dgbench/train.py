@@ -159,7 +159,8 @@ def _train(
     algorithm: Algorithm = ALGORITHMS.get(cfg.algorithm.name).obj(
         backbone, dataset.num_classes, len(train_envs), hparams
     )
-    memory_format = torch.channels_last if on_cuda and cfg.trainer.channels_last else torch.preserve_format
+    # channels_last: cuDNN's and oneDNN's convolutions both prefer it (tools/bench_channels_last.py)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.preserve_format
     algorithm.to(device=device, memory_format=memory_format)
     if on_cuda:
         _cuda_kernels(deterministic=cfg.trainer.deterministic)

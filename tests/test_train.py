@@ -175,6 +175,27 @@ def test_divergence_between_records_names_the_first_bad_step_and_writes_no_recor
     assert [r["step"] for r in read_records(run_dir / "results.jsonl")] == [0, 3]
 
 
+def _layout(t: torch.Tensor) -> str:
+    if t.is_contiguous():
+        return "nchw"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else "other"
+
+
+@pytest.mark.parametrize(("setting", "layout"), [("true", "channels_last"), ("false", "nchw")])
+def test_channels_last_reaches_the_model_and_the_batches_on_cpu(make_cfg, monkeypatch, setting, layout):
+    seen = set()
+
+    def update(self, batches):
+        conv = next(m for m in self.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.update(_layout(t) for t in [conv.weight, *(x for x, _ in batches)])
+        return ERM_UPDATE(self, batches)
+
+    monkeypatch.setattr(ERM, "update", update)
+    overrides = [*FAST, "trainer.steps=2", f"trainer.channels_last={setting}"]
+    train(make_cfg(*overrides), overrides)
+    assert seen == {layout}
+
+
 @pytest.mark.parametrize("returned", [None, {"objective": 1.0}])
 def test_an_update_without_a_loss_is_named(make_cfg, monkeypatch, returned):
     monkeypatch.setattr(ERM, "update", lambda self, batches: returned)

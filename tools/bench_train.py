@@ -6,12 +6,12 @@ process (so each peak host memory, summed over the process and its loader worker
     reference: DomainBed's settings: data.pipeline=reference (PIL + torchvision per image in
                DataLoader workers, as many as the trainer's default gives,
                `dgbench.data.pipeline.loader_workers`; `--workers 8` for DomainBed's 8 per loader),
-               trainer.evaluate=all in batches of 64, and on CUDA fp32 (no autocast), no
-               channels_last, deterministic cudnn kernels without autotuning
+               trainer.evaluate=all in batches of 64, no channels_last, and on CUDA fp32 (no
+               autocast), deterministic cudnn kernels without autotuning
     fast:      data.pipeline=fast (decoded-image cache + batched augmentation on the device),
                trainer.evaluate=selection (only the splits model selection reads), and the
-               trainer's defaults: evaluation batches of 256; on CUDA bf16 autocast,
-               channels_last, cudnn autotuning
+               trainer's defaults: evaluation batches of 256, channels_last; on CUDA bf16
+               autocast, cudnn autotuning
 
 Reported per path: training steps/s (from the records' `step_time`, data loading included, first
 record left out: it holds step 0 and the warm-up), evaluation seconds per evaluation (`eval_time`)
