@@ -37,6 +37,23 @@ def backbone_config(name: str, width: float) -> dict[str, Any]:
     return {"arch": "timm", "name": name, "pretrained": False}
 
 
+def random_batches(
+    domains: int,
+    batch: int,
+    resolution: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One random (x, y) minibatch per domain on `device`, x in `memory_format`; the same draws every call."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(domains):
+        x = torch.randn(batch, 3, resolution, resolution, generator=g).to(device)
+        y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)
+        out.append((x.contiguous(memory_format=memory_format), y))
+    return out
+
+
 def build(name: str, backbone: dict[str, Any], domains: int, batch: int, device: torch.device) -> Any:
     torch.manual_seed(0)
     entry = ALGORITHMS.get(name)

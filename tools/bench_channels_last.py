@@ -34,6 +34,7 @@ from dgbench.cli import conf_dir
 from dgbench.components import load_components
 
 DOMAINS = 3
+CPU = torch.device("cpu")
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -44,24 +45,11 @@ def backbone_config(name: str) -> Any:
     return OmegaConf.to_object(cfg.backbone)
 
 
-def batches(batch: int, resolution: int, memory_format: torch.memory_format) -> list[tuple]:
-    g = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(batch, 3, resolution, resolution, generator=g).contiguous(
-                memory_format=memory_format
-            ),
-            torch.randint(0, bench_algorithms.NUM_CLASSES, (batch,), generator=g),
-        )
-        for _ in range(DOMAINS)
-    ]
-
-
 def one_round(name: str, memory_format: torch.memory_format, args: argparse.Namespace) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluation forward) of one fresh model."""
-    algorithm = bench_algorithms.build("erm", backbone_config(name), DOMAINS, args.batch, torch.device("cpu"))
+    algorithm = bench_algorithms.build("erm", backbone_config(name), DOMAINS, args.batch, CPU)
     algorithm.to(memory_format=memory_format)
-    data = batches(args.batch, args.resolution, memory_format)
+    data = bench_algorithms.random_batches(DOMAINS, args.batch, args.resolution, CPU, memory_format)
     algorithm.update(data)  # untimed: first-call allocations and kernel selection
     start = time.perf_counter()
     for _ in range(args.steps):

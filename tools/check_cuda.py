@@ -28,7 +28,7 @@ import torch
 from dgbench.components import load_components
 from dgbench.registry import ALGORITHMS
 
-NUM_CLASSES, DOMAINS = bench_algorithms.NUM_CLASSES, 3
+DOMAINS = 3
 DEVICE = torch.device("cuda")  # --device cpu: a smoke test of this script without a GPU
 
 
@@ -62,16 +62,6 @@ def build(name: str, backbone: dict[str, Any], batch: int) -> Any:
     return algorithm
 
 
-def batches(batch: int, resolution: int, memory_format: torch.memory_format) -> list[tuple]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(DOMAINS):
-        x = torch.randn(batch, 3, resolution, resolution, generator=g).to(DEVICE)
-        y = torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(DEVICE)
-        out.append((x.contiguous(memory_format=memory_format), y))
-    return out
-
-
 def timed_updates(algorithm: Any, data: list, steps: int, amp: bool) -> tuple[list[float], list[dict]]:
     times, metrics = [], []
     for _ in range(steps):
@@ -91,7 +81,7 @@ def check_algorithm(name: str, backbone: dict[str, Any], resolution: int, batch:
         backbone = need.default_for(resolution)
     algorithm = build(name, backbone, batch).to(DEVICE, memory_format=torch.channels_last).train()
     before = [p.detach().clone() for p in algorithm.parameters() if p.requires_grad]
-    data = batches(batch, resolution, torch.channels_last)
+    data = bench_algorithms.random_batches(DOMAINS, batch, resolution, DEVICE, torch.channels_last)
     times, metrics = timed_updates(algorithm, data, steps, amp=True)
     moved = any(
         not torch.equal(b, p.detach())
@@ -127,7 +117,7 @@ def precision_ratios(steps: int) -> dict[str, Any]:
             "erm", {"arch": "timm", "name": "resnet50", "pretrained": False, "bn": "frozen"}, 32
         )
         algorithm = algorithm.to(DEVICE, memory_format=memory_format).train()
-        data = batches(32, 224, memory_format)
+        data = bench_algorithms.random_batches(DOMAINS, 32, 224, DEVICE, memory_format)
         timed_updates(algorithm, data, 5, amp)  # warm-up, cudnn autotuning
         reset_peak()
         times, _ = timed_updates(algorithm, data, steps, amp)
