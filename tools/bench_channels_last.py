@@ -45,9 +45,11 @@ def backbone_config(name: str) -> Any:
     return OmegaConf.to_object(cfg.backbone)
 
 
-def one_round(name: str, memory_format: torch.memory_format, args: argparse.Namespace) -> tuple[float, float]:
+def one_round(
+    backbone: Any, memory_format: torch.memory_format, args: argparse.Namespace
+) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluation forward) of one fresh model."""
-    algorithm = bench_algorithms.build("erm", backbone_config(name), DOMAINS, args.batch, CPU)
+    algorithm = bench_algorithms.build("erm", backbone, DOMAINS, args.batch, CPU)
     algorithm.to(memory_format=memory_format)
     data = bench_algorithms.random_batches(DOMAINS, args.batch, args.resolution, CPU, memory_format)
     algorithm.update(data)  # untimed: first-call allocations and kernel selection
@@ -88,10 +90,11 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
     for name in args.backbones.split(","):
+        backbone = backbone_config(name)
         times: dict[str, list[tuple[float, float]]] = {f: [] for f in FORMATS}
         for _ in range(args.repeats):
             for label, memory_format in FORMATS.items():
-                times[label].append(one_round(name, memory_format, args))
+                times[label].append(one_round(backbone, memory_format, args))
         row: dict[str, Any] = {}
         for label in FORMATS:
             row[label] = {
