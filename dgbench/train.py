@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import random
 import resource
 import time
@@ -263,7 +264,7 @@ def _train(
                 batches.append(_to_device((x, y), device, memory_format))
                 skipped_images += skipped
             with autocast:
-                metrics = _require_loss(algorithm.update(batches), cfg.algorithm.name)
+                metrics = _require_metrics(algorithm.update(batches), cfg.algorithm.name)
             # read at the checkpoint, not now: a float per step would make the host wait for the GPU
             meter.add(step, {**metrics, **auxiliary_metrics(algorithm)})  # + e.g. MoE routing metrics
             averaging.after_step(algorithm, step)
@@ -323,14 +324,32 @@ def _train(
     return record
 
 
-def _require_loss(metrics: Any, algorithm: str) -> Mapping[str, Any]:
-    """`metrics` if it is what `Algorithm.update` must return; a message for a plugin author otherwise."""
+def _require_metrics(metrics: Any, algorithm: str) -> Mapping[str, Any]:
+    """`metrics` if it is what `Algorithm.update` must return; a message for a plugin author otherwise.
+
+    Checked here, at the step, from metadata alone (no device sync): the values are read at the
+    checkpoint, where a bad one would fail without naming its key.
+    """
     if not isinstance(metrics, Mapping) or "loss" not in metrics:
         raise DGBenchError(
             f"algorithm {algorithm}: update() returned {metrics!r}; it must return a dict of metrics "
             f"with a 'loss' entry (floats or scalar tensors), e.g. {{'loss': loss.detach()}}"
         )
+    for key, value in metrics.items():
+        if not _is_scalar(value):
+            tensor = isinstance(value, torch.Tensor)
+            shown = f"a tensor of shape {tuple(value.shape)}" if tensor else repr(value)
+            raise DGBenchError(
+                f"algorithm {algorithm}: update() returned {shown} for metric {key!r}; each metric must "
+                f"be a float or a one-element tensor (reduce it, e.g. `.mean().detach()`)"
+            )
     return metrics
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, numbers.Real)
 
 
 def _check_finite(per_step: dict[int, dict[str, float]]) -> None:

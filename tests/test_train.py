@@ -203,6 +203,26 @@ def test_an_update_without_a_loss_is_named(make_cfg, monkeypatch, returned):
         train(make_cfg(*FAST), FAST)
 
 
+@pytest.mark.parametrize(
+    ("metric", "shown"),
+    [(torch.ones(3), r"a tensor of shape \(3,\)"), ("0.5", "'0.5'"), (None, "None")],
+)
+def test_a_metric_that_is_not_a_scalar_is_named_at_its_step(make_cfg, monkeypatch, metric, shown):
+    """Named when returned, with its key: at the checkpoint it would fail in torch or float()."""
+    update = ERM.update
+    steps = []
+
+    def update_with(self, batches):
+        steps.append(len(steps))
+        return {**update(self, batches), "margin": metric}
+
+    monkeypatch.setattr(ERM, "update", update_with)
+    match = rf"algorithm erm: update\(\) returned {shown} for metric 'margin'; each metric must be a float"
+    with pytest.raises(DGBenchError, match=match):
+        train(make_cfg(*FAST), FAST)
+    assert steps == [0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu(make_cfg, monkeypatch):
     """No `.item()`, no blocking copy, no other host sync from one checkpoint to the next, so the
