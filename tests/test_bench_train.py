@@ -32,3 +32,17 @@ def test_protocol_run_asks_the_dataset_and_ratios_compare_it(tmp_path: Path) -> 
     ratios = bench_train.ratios(result["slow"], result["quick"])
     assert ratios["protocol_run"] == pytest.approx((1000 + 11 * 30.0) / (1000 / 2 + 11 * 3.0), abs=0.01)
     assert ratios["wall"] == 2.0 and ratios["host_rss"] == 0.5
+
+
+def test_start_up_is_the_wall_time_outside_the_records_steps_and_evaluations() -> None:
+    records = [  # steps 0 | 1-5 | 6-9, as the trainer records them with checkpoint_freq=5, steps=10
+        {"step": 0, "step_time": 4.0, "metrics": {"eval_time": 3.0}},
+        {"step": 5, "step_time": 0.5, "metrics": {"eval_time": 1.0}},
+        {"step": 9, "step_time": 0.25, "metrics": {"eval_time": 1.0}},
+    ]
+    looped = 4.0 + 3.0 + 5 * 0.5 + 1.0 + 4 * 0.25 + 1.0
+    assert bench_train.start_up(records, wall=looped + 20.0) == {
+        "first_step_s": 4.0,
+        "first_eval_s": 3.0,
+        "outside_loop_s": 20.0,
+    }
