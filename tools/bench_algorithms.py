@@ -16,8 +16,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as dgbench.cli.quiet_openmp
 import argparse
 import dataclasses
+import itertools
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,19 +68,25 @@ def build(name: str, backbone: dict[str, Any], domains: int, batch: int, device:
     return algorithm.to(device).train()
 
 
-def time_steps(algorithm: Any, batches: list, warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Milliseconds of each timed `update` (after `warmup` untimed ones)."""
-    times = []
-    for i in range(warmup + steps):
+def time_calls(call: Callable[[], Any], warmup: int, times: int, device: torch.device) -> list[float]:
+    """Milliseconds of each timed call (after `warmup` untimed ones), synchronized on CUDA."""
+    milliseconds = []
+    for i in range(warmup + times):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        algorithm.update(batches[i % len(batches)])
+        call()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
+            milliseconds.append((time.perf_counter() - start) * 1e3)
+    return milliseconds
+
+
+def time_steps(algorithm: Any, batches: list, warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Milliseconds of each timed `update` (after `warmup` untimed ones), cycling through `batches`."""
+    cycle = itertools.cycle(batches)
+    return time_calls(lambda: algorithm.update(next(cycle)), warmup, steps, device)
 
 
 def main() -> None:

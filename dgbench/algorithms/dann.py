@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, autograd, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
+from dgbench.algorithms.base import FUSED, Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.hparams import Choice, IntLogUniform, LogUniform, hparam
 from dgbench.registry import ALGORITHMS
@@ -107,13 +107,14 @@ class AbstractDANN(Algorithm):
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
         betas = (float(cfg.beta1), 0.9)
         self.disc_opt = torch.optim.Adam(
-            disc_params, lr=cfg.lr_d, weight_decay=cfg.weight_decay_d, betas=betas
+            disc_params, lr=cfg.lr_d, weight_decay=cfg.weight_decay_d, betas=betas, **FUSED
         )
         self.gen_opt = torch.optim.Adam(
             [*self.featurizer.parameters(), *self.classifier.parameters()],
             lr=cfg.lr_g,
             weight_decay=cfg.weight_decay_g,
             betas=betas,
+            **FUSED,
         )
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dgbench.algorithms.base import Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch, Metrics
+from dgbench.algorithms.base import FUSED, Algorithm, AlgorithmHParams, BackboneNeed, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
 from dgbench.backbones.stages import (
     apply_channel_mask,
@@ -147,7 +147,7 @@ class DomainDrop(Algorithm):
             return self.make_optimizer()
         wd = self.cfg.weight_decay
         return torch.optim.SGD(
-            self.parameters(), lr=self.cfg.lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=wd
+            self.parameters(), lr=self.cfg.lr, momentum=SGD_MOMENTUM, nesterov=True, weight_decay=wd, **FUSED
         )
 
     def update(self, batches: Sequence[DomainBatch]) -> Metrics:
