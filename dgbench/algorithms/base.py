@@ -25,7 +25,8 @@ DomainBatch = tuple[Tensor, Tensor]
 Metrics = dict[str, float | Tensor]
 # Optimizers step all parameters in one fused kernel (CPU and CUDA): the same update as torch's
 # default (a Python loop over the parameters on CPU) up to float rounding, and its Adam step is
-# 3-8x faster on CPU (`tools/bench_optimizer.py`). A checkpoint keeps the setting it was made with.
+# 2.4-9x faster on 2 CPU cores (`tools/bench_optimizer.py`). A checkpoint keeps the setting it
+# was made with.
 FUSED: dict[str, Any] = {"fused": True}
 SMALL_IMAGE_PX = 64  # inputs up to this size (embedded 32 px, MNIST 28 px) get `BackboneNeed.small`
 
