@@ -24,9 +24,16 @@ class StepMeter:
         self._metrics: list[dict[str, float | Tensor]] = []
 
     def add(self, step: int, metrics: Metrics) -> None:
-        """Keep one step's metrics. Tensors are detached: a kept loss must not keep its graph alive."""
+        """Keep one step's metrics as they are now.
+
+        Tensors are detached (a kept loss must not keep its graph alive) and copied: a metric may
+        be a view of state the next steps change in place (a buffer, a parameter), and it is read
+        only at the checkpoint. The copy is queued on the device like any op, so it costs no sync.
+        """
         self._steps.append(step)
-        self._metrics.append({k: v.detach() if isinstance(v, Tensor) else v for k, v in metrics.items()})
+        self._metrics.append(
+            {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in metrics.items()}
+        )
 
     def __len__(self) -> int:
         return len(self._steps)

@@ -43,6 +43,17 @@ def test_a_non_finite_value_reads_back_as_such() -> None:
     assert math.isnan(values[0]["loss"]) and values[1]["loss"] == math.inf
 
 
+def test_a_metric_keeps_its_value_when_its_tensor_changes_later() -> None:
+    """A metric that is a view of state updated in place (GroupDRO's q, a learned temperature)
+    reads back as it was at its step, as a float taken at the step would have."""
+    weights = torch.tensor([0.5, 0.5])
+    meter = StepMeter()
+    for step in range(3):
+        meter.add(step, {"loss": 1.0, "w0": weights[0]})
+        weights.mul_(2)
+    assert [m["w0"] for m in meter.read().values()] == [0.5, 1.0, 2.0]
+
+
 def test_a_kept_loss_does_not_keep_its_autograd_graph_alive() -> None:
     """An algorithm that returns `loss` undetached must not make the trainer hold every step's
     activations until the checkpoint."""
