@@ -19,7 +19,7 @@ import dataclasses
 import itertools
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,6 +87,36 @@ def time_steps(algorithm: Any, batches: list, warmup: int, steps: int, device: t
     """Milliseconds of each timed `update` (after `warmup` untimed ones), cycling through `batches`."""
     cycle = itertools.cycle(batches)
     return time_calls(lambda: algorithm.update(next(cycle)), warmup, steps, device)
+
+
+def alternating_rounds(
+    variants: Sequence[str], repeats: int, one_round: Callable[[str], tuple[Any, ...]]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """`repeats` rounds of every variant in turn, so a drift of the machine hits each alike: the
+    results of each variant's rounds."""
+    runs: dict[str, list[tuple[Any, ...]]] = {variant: [] for variant in variants}
+    for _ in range(repeats):
+        for variant in variants:
+            runs[variant].append(one_round(variant))
+    return runs
+
+
+def median_row(
+    runs: Mapping[str, list[tuple[Any, ...]]], fields: Sequence[str], digits: int
+) -> dict[str, Any]:
+    """Per variant the median of each field (`<field>_s`, the rounds' leading seconds, in order), and
+    `ratio_<field>`: the first variant's median over the second's (above 1: the second is faster)."""
+    row: dict[str, Any] = {
+        variant: {
+            f"{field}_s": round(statistics.median(r[i] for r in rounds), digits)
+            for i, field in enumerate(fields)
+        }
+        for variant, rounds in runs.items()
+    }
+    baseline, variant = list(runs)[:2]
+    for field in fields:
+        row[f"ratio_{field}"] = round(row[baseline][f"{field}_s"] / row[variant][f"{field}_s"], 2)
+    return row
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as dgbench.cli.quiet_openmp
 import argparse
 import json
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +45,9 @@ def backbone_config(name: str) -> Any:
     return OmegaConf.to_object(cfg.backbone)
 
 
-def one_round(
-    backbone: Any, memory_format: torch.memory_format, args: argparse.Namespace
-) -> tuple[float, float]:
-    """(seconds per training step, seconds per evaluation forward) of one fresh model."""
+def one_round(backbone: Any, args: argparse.Namespace, label: str) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation forward) of one fresh model in `FORMATS[label]`."""
+    memory_format = FORMATS[label]
     algorithm = bench_algorithms.build("erm", backbone, DOMAINS, args.batch, CPU)
     algorithm.to(memory_format=memory_format)
     data = bench_algorithms.random_batches(DOMAINS, args.batch, args.resolution, CPU, memory_format)
@@ -91,18 +90,10 @@ def main() -> None:
     )
     for name in args.backbones.split(","):
         backbone = backbone_config(name)
-        times: dict[str, list[tuple[float, float]]] = {f: [] for f in FORMATS}
-        for _ in range(args.repeats):
-            for label, memory_format in FORMATS.items():
-                times[label].append(one_round(backbone, memory_format, args))
-        row: dict[str, Any] = {}
-        for label in FORMATS:
-            row[label] = {
-                "step_s": round(statistics.median(t for t, _ in times[label]), 3),
-                "eval_s": round(statistics.median(e for _, e in times[label]), 3),
-            }
-        row["ratio_step"] = round(row["nchw"]["step_s"] / row["channels_last"]["step_s"], 2)
-        row["ratio_eval"] = round(row["nchw"]["eval_s"] / row["channels_last"]["eval_s"], 2)
+        times = bench_algorithms.alternating_rounds(
+            list(FORMATS), args.repeats, partial(one_round, backbone, args)
+        )
+        row = bench_algorithms.median_row(times, ("step", "eval"), digits=3)
         report["backbones"][name] = row
         nchw, last = row["nchw"], row["channels_last"]
         print(

@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ DOMAINS = 3
 OPTIMIZERS = {"default": {}, "fused": {"fused": True}}
 
 
-def one_round(start: Any, kind: str, data: list, args: argparse.Namespace) -> tuple[float, float, list]:
+def one_round(start: Any, data: list, args: argparse.Namespace, kind: str) -> tuple[float, float, list]:
     """(seconds per ERM step, seconds per optimizer step, the weights after the ERM steps)."""
     algorithm = copy.deepcopy(start)
     cfg = algorithm.cfg
@@ -71,20 +72,11 @@ def main() -> None:
     for name in args.backbones.split(","):
         start = bench_algorithms.build("erm", backbone_config(name), DOMAINS, args.batch, args.device)
         data = bench_algorithms.random_batches(DOMAINS, args.batch, args.resolution, args.device)
-        runs: dict[str, list[tuple[float, float, list]]] = {kind: [] for kind in OPTIMIZERS}
-        for _ in range(args.repeats):
-            for kind in OPTIMIZERS:
-                runs[kind].append(one_round(start, kind, data, args))
-        row: dict[str, Any] = {
-            kind: {
-                "step_s": round(statistics.median(r[0] for r in runs[kind]), 4),
-                "optimizer_step_s": round(statistics.median(r[1] for r in runs[kind]), 4),
-            }
-            for kind in OPTIMIZERS
-        }
+        runs = bench_algorithms.alternating_rounds(
+            list(OPTIMIZERS), args.repeats, partial(one_round, start, data, args)
+        )
+        row = bench_algorithms.median_row(runs, ("step", "optimizer_step"), digits=4)
         default, fused = row["default"], row["fused"]
-        row["ratio_step"] = round(default["step_s"] / fused["step_s"], 2)
-        row["ratio_optimizer_step"] = round(default["optimizer_step_s"] / fused["optimizer_step_s"], 2)
         weights = zip(runs["default"][0][2], runs["fused"][0][2], strict=True)
         row["max_weight_difference"] = max(float((a - b).abs().max()) for a, b in weights)
         report["backbones"][name] = row
