@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             from dgbench.results_cli import main as results_main
 
             sys.exit(results_main(rest))
+        if command == "status":  # run directories only: no torch (7 s, 0.9 GB) beside a running sweep
+            sys.exit(_status(rest))
         from dgbench.components import load_components
 
         load_components()
@@ -64,8 +66,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             _list(rest)
         elif command == "sweep":
             sys.exit(_sweep(rest))
-        elif command == "status":
-            sys.exit(_status(rest))
         else:
             print(f"dgbench: unknown command {command!r}\n{USAGE}", file=sys.stderr, end="")
             sys.exit(2)

@@ -167,6 +167,23 @@ def test_status_lists_failed_and_dead_runs(tmp_path: Path) -> None:
     assert "resume from their checkpoint" in report
 
 
+def test_status_command_reads_run_directories_without_importing_torch(tmp_path: Path) -> None:
+    """`dgbench status` is run beside a training sweep: torch would cost it seconds and ~1 GB."""
+    run = tmp_path / "sweep" / "gone"
+    run.mkdir(parents=True)
+    (run / "results.jsonl").write_text('{"step": 3}\n')
+    (run / "config.yaml").write_text("trainer: {steps: 10}\n")  # an unfinished run's config is read
+    code = (
+        "import sys\nfrom dgbench.cli import main\ntry:\n    main(['status', sys.argv[1]])\n"
+        "except SystemExit as done:\n    print(done.code, sorted({'torch', 'timm'} & set(sys.modules)))"
+    )
+    command = [sys.executable, "-c", code, str(tmp_path)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "1 runs: 0 done, 0 failed, 0 running, 1 dead", out.stdout
+    assert lines[-1] == "0 []", out.stdout
+
+
 @pytest.mark.slow
 def test_submitit_local_launcher_runs_a_two_run_sweep(tmp_path: Path, data_root: Path) -> None:
     command = [
