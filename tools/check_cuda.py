@@ -4,7 +4,9 @@
    under the trainer's settings (bf16 autocast, channels_last): on timm's resnet18 (random init,
    BatchNorm training) at `--resolution` px, or on the algorithm's own small backbone when it
    needs one. Checked: every metric finite, `predict` finite in eval mode, the parameters moved.
-   Reported: median ms per step and peak GPU memory.
+   Reported: median ms per step, peak GPU memory, and the host syncs one update makes (each op
+   that makes the host wait for the GPU, counted by CUDA's sync debug mode): a step that syncs
+   cannot queue its kernels ahead of the GPU.
 2. ERM on ResNet-50 at 224 px, 3 domains x 32 images (DomainBed's shape), side by side in one
    process: fp32, bf16 autocast, bf16 autocast + channels_last; median ms per step and ratio to fp32.
 
@@ -20,6 +22,7 @@ import platform
 import statistics
 import time
 import traceback
+import warnings
 from typing import Any
 
 import bench_algorithms  # tools/ is on sys.path when run as a script
@@ -74,6 +77,22 @@ def timed_updates(algorithm: Any, data: list, steps: int, amp: bool) -> tuple[li
     return times, metrics
 
 
+def syncs_per_update(algorithm: Any, data: list) -> int | None:
+    """How many times one update makes the host wait for the GPU; None off CUDA."""
+    if DEVICE.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                algorithm.update(data)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def check_algorithm(name: str, backbone: dict[str, Any], resolution: int, batch: int, steps: int) -> dict:
     reset_peak()
     need = ALGORITHMS.get(name).obj.backbone_need
@@ -83,6 +102,7 @@ def check_algorithm(name: str, backbone: dict[str, Any], resolution: int, batch:
     before = [p.detach().clone() for p in algorithm.parameters() if p.requires_grad]
     data = bench_algorithms.random_batches(DOMAINS, batch, resolution, DEVICE, torch.channels_last)
     times, metrics = timed_updates(algorithm, data, steps, amp=True)
+    syncs = syncs_per_update(algorithm, data)
     moved = any(
         not torch.equal(b, p.detach())
         for b, p in zip(before, [p for p in algorithm.parameters() if p.requires_grad], strict=True)
@@ -100,6 +120,7 @@ def check_algorithm(name: str, backbone: dict[str, Any], resolution: int, batch:
         "loss": [round(float(m["loss"]), 4) for m in metrics],
         "ms_per_step": round(statistics.median(times[1:] or times), 2),
         "peak_gib": peak_gib(),
+        "syncs_per_update": syncs,
     }
 
 
@@ -169,7 +190,7 @@ def main() -> None:
         status = "ok" if row["ok"] else "FAILED " + row.get("error", "")
         print(
             f"{label:<14} {row.get('backbone', ''):<16} {row.get('ms_per_step', '')!s:>8} ms "
-            f"{row.get('peak_gib', '')!s:>7} GiB  {status}",
+            f"{row.get('peak_gib', '')!s:>7} GiB {row.get('syncs_per_update', '')!s:>4} syncs  {status}",
             flush=True,
         )
     if not args.skip_resnet50:
