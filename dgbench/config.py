@@ -187,9 +187,34 @@ def prepare_run_config(cfg: DictConfig, overrides: Iterable[str] = ()) -> dict[s
     defaults, then the hparams_seed draw. Returns what the draw sampled.
     """
     overrides = list(overrides)
+    check_sizes(cfg)
     apply_backbone_default(cfg, overrides)
     apply_dataset_defaults(cfg, overrides)
     return apply_hparams_seed(cfg, overrides)
+
+
+# Sizes taken from the dataset's protocol or resolution while unset (None); set, they must be positive.
+OPTIONAL_SIZES = ("trainer.steps", "trainer.checkpoint_freq", "data.resolution", "data.cache_resolution")
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    """Fail on a size no run can use, naming the key, before anything is built or written.
+
+    An unset size takes its default; a 0 must not silently do the same through `value or default`
+    (`trainer.steps=0` trained the dataset's default number of steps), nor fail mid-run (a zero
+    evaluation batch size failed at the first evaluation).
+    """
+    for key in OPTIONAL_SIZES:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {value}; unset, it takes the default")
+    require_positive(cfg.trainer.eval_batch_size, "trainer.eval_batch_size")
+    workers = cfg.trainer.num_workers
+    if workers is not None and workers < 0:
+        raise ConfigError(
+            f"trainer.num_workers must be 0 (load in the main process) or more, got {workers}; "
+            f"leave it unset to size the loaders to the usable cores"
+        )
 
 
 def apply_backbone_default(cfg: DictConfig, overrides: Iterable[str] = ()) -> bool:

@@ -132,6 +132,26 @@ def test_bad_test_envs_are_named(make_cfg, test_envs, message):
         train(make_cfg(*FAST, f"dataset.test_envs={test_envs}"))
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.steps=0", "trainer.steps must be a positive integer, got 0; unset, it takes the default"),
+        ("trainer.checkpoint_freq=-1", "trainer.checkpoint_freq must be a positive integer, got -1"),
+        ("data.resolution=0", "data.resolution must be a positive integer, got 0"),
+        ("data.cache_resolution=0", "data.cache_resolution must be a positive integer, got 0"),
+        ("trainer.eval_batch_size=0", "trainer.eval_batch_size must be a positive integer, got 0"),
+        ("trainer.num_workers=-1", "trainer.num_workers must be 0 (load in the main process) or more"),
+    ],
+)
+def test_sizes_that_cannot_work_fail_before_the_run_starts(make_cfg, override, message):
+    """A 0 used to fall through `value or default` (steps=0 trained the default steps) or fail mid-run."""
+    cfg = make_cfg(*FAST, override)
+    with pytest.raises(ConfigError) as error:
+        train(cfg, [override])
+    assert str(error.value).startswith(message)
+    assert not (Path(cfg.output_dir) / "default").exists()  # no run directory, nothing recorded
+
+
 def test_diverging_run_is_marked_failed(make_cfg):
     overrides = [*FAST, "algorithm.lr=1e12"]
     cfg = make_cfg(*overrides)
