@@ -28,6 +28,17 @@ def main(argv: Sequence[str]) -> int:
     return int(args.run(args) or 0)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer above 0 (a 0 would fall through to the default, or fail deep down)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -69,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("name")
     sub.add_argument("--root", help=root_help)
-    sub.add_argument("--resolution", type=int, help="side in px (default: the dataset's, as training)")
-    sub.add_argument("--workers", type=int, help="decoding processes (default: the usable cores)")
+    sub.add_argument(
+        "--resolution", type=positive_int, help="side in px (default: the dataset's, as training)"
+    )
+    sub.add_argument("--workers", type=positive_int, help="decoding processes (default: the usable cores)")
     sub.set_defaults(run=_cache)
     return parser
 

@@ -489,6 +489,32 @@ def test_data_cache_command_refuses_in_memory_datasets(capsys: pytest.CaptureFix
         commands.main(["cache", "embedded"])
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--resolution", "0", "argument --resolution: must be a positive integer, got 0"),
+        ("--resolution", "-3", "argument --resolution: must be a positive integer, got -3"),
+        ("--workers", "0", "argument --workers: must be a positive integer, got 0"),
+        ("--resolution", "big", "argument --resolution: expected a positive integer, got 'big'"),
+    ],
+)
+def test_data_cache_command_names_a_size_that_cannot_work(
+    fake_pacs: Path,
+    decodes: list[str],
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    value: str,
+    message: str,
+) -> None:
+    """0 used to fall through to the default resolution; negative sizes failed in numpy."""
+    from dgbench.data import commands
+
+    with pytest.raises(SystemExit) as exit_:
+        commands.main(["cache", "pacs", "--root", str(fake_pacs), option, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert decodes == []  # nothing built
+
+
 @pytest.mark.parametrize("broken", [False, True])
 def test_without_augmentation_fast_and_reference_runs_agree(fake_pacs: Path, make_cfg, broken: bool) -> None:
     """Same batches (the cache holds exactly the reference eval resize): the same final record.
