@@ -46,3 +46,30 @@ def test_start_up_is_the_wall_time_outside_the_records_steps_and_evaluations() -
         "first_eval_s": 3.0,
         "outside_loop_s": 20.0,
     }
+
+
+def test_benchmarks_end_a_user_error_or_a_failed_run_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    from bench_data_pipeline import run_tool
+
+    from dgbench.errors import DataError
+
+    monkeypatch.setattr(sys, "argv", ["bench_train.py"])
+
+    def missing_data() -> None:
+        raise DataError("pacs: dataset folder /nowhere/PACS not found")
+
+    def failed_run() -> None:
+        raise subprocess.CalledProcessError(2, ["python", "-m", "dgbench.cli", "train", "dataset=pacs"])
+
+    with pytest.raises(SystemExit) as stop:
+        run_tool(missing_data)
+    assert str(stop.value.code) == "bench_train.py: error: pacs: dataset folder /nowhere/PACS not found"
+    with pytest.raises(SystemExit) as stop:
+        run_tool(failed_run)
+    assert str(stop.value.code) == (
+        "bench_train.py: a measured run failed with exit status 2; its error is above. "
+        "The run: python -m dgbench.cli train dataset=pacs"
+    )
+    run_tool(lambda: None)  # a run that works ends normally

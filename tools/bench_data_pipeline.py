@@ -38,6 +38,27 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the tim
 SEED = 0
 
 
+def run_tool(main: Callable[[], None]) -> None:
+    """Run a benchmark's `main`, ending a user error or a failed measured run in one line.
+
+    A measured run is a child process that has already printed its own error (a missing dataset
+    folder, a bad override); the parent's traceback on top of it only hides that line.
+    """
+    from dgbench.errors import DGBenchError
+
+    tool = Path(sys.argv[0]).name
+    try:
+        main()
+    except DGBenchError as error:
+        raise SystemExit(f"{tool}: error: {error}") from None
+    except subprocess.CalledProcessError as error:
+        command = " ".join(map(str, error.cmd))
+        raise SystemExit(
+            f"{tool}: a measured run failed with exit status {error.returncode}; its error is above. "
+            f"The run: {command}"
+        ) from None
+
+
 # ---------------------------------------------------------------- memory of a process tree
 
 
@@ -403,4 +424,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 # tools/ is on sys.path when run as a script
-from bench_data_pipeline import Sampler, machine_info
+from bench_data_pipeline import Sampler, machine_info, run_tool
 from bench_train import PATHS, add_protocol_seconds, ratios, report, run, run_measured
 
 HELD_OUT = ("sketch", 3)  # PACS's held-out domain: dgbench's name, DomainBed's index (A, C, P, S)
@@ -133,4 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)

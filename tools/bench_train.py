@@ -37,7 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_data_pipeline import PeakMemory, machine_info  # tools/ is on sys.path when run as a script
+from bench_data_pipeline import (  # tools/ is on sys.path when run as a script
+    PeakMemory,
+    machine_info,
+    run_tool,
+)
 
 from dgbench.components import load_components
 from dgbench.config import Protocol
@@ -200,4 +204,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main)
