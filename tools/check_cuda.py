@@ -20,7 +20,6 @@ import json
 import math
 import platform
 import statistics
-import time
 import traceback
 import warnings
 from typing import Any
@@ -65,15 +64,18 @@ def build(name: str, backbone: dict[str, Any], batch: int) -> Any:
     return algorithm
 
 
+def update(algorithm: Any, data: list, amp: bool = True) -> dict:
+    """One update as the trainer runs it on CUDA: under bf16 autocast unless `amp` is off."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
+        return algorithm.update(data)
+
+
 def timed_updates(algorithm: Any, data: list, steps: int, amp: bool) -> tuple[list[float], list[dict]]:
-    times, metrics = [], []
-    for _ in range(steps):
-        synchronize()
-        start = time.perf_counter()
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp):
-            metrics.append(algorithm.update(data))
-        synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+    """Milliseconds of each of `steps` updates (synchronized on CUDA) and their metrics."""
+    metrics: list[dict] = []
+    times = bench_algorithms.time_calls(
+        lambda: metrics.append(update(algorithm, data, amp)), 0, steps, DEVICE
+    )
     return times, metrics
 
 
@@ -85,8 +87,7 @@ def syncs_per_update(algorithm: Any, data: list) -> int | None:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-                algorithm.update(data)
+            update(algorithm, data)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     synchronize()
