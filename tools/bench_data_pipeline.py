@@ -4,7 +4,7 @@ reference: PIL decode + DomainBed's torchvision augmentation per image, in DataL
     loader per training domain, exactly as the trainer builds them (`SplitView` + `train_loader`,
     `--workers` per loader, default: the trainer's, `dgbench.data.pipeline.loader_workers`).
 fast: the decoded-image cache (`dgbench.data.image_cache`, memory-mapped uint8 at 224 px) +
-    row gathers + `batch_augment.augment_batch` on `--device` (`dgbench.data.fast.train_batches`).
+    row gathers + `batch_augment.augment_batch` on `--device` (`dgbench.data.fast.train_streams`).
 
 Same augmentation distributions, same splits and sample indices per step, same batch (3 training
 domains x 32). Each path runs in its own fresh process, so each peak-memory figure (RSS, PSS and
@@ -207,19 +207,16 @@ def _fast_stream(
     start = time.perf_counter()
     attach_arrays(dataset, args.resolution, skip_corrupt=False, progress=False)
     opened = time.perf_counter() - start
-    streams: list[Iterator[Any]] = [
-        fast.train_batches(
-            fast.FastSplit(dataset[i], splits[i][1], device),
-            args.batch,
-            seed_hash(SEED, i),
-            0,
-            args.resolution,
-            MEAN,
-            STD,
-            augment,
-        )
-        for i in train_envs
-    ]
+    streams: list[Iterator[Any]] = fast.train_streams(
+        [fast.FastSplit(dataset[i], splits[i][1], device) for i in train_envs],
+        args.batch,
+        [seed_hash(SEED, i) for i in train_envs],
+        0,
+        args.resolution,
+        MEAN,
+        STD,
+        augment,
+    )
 
     def step() -> int:
         return sum(len(next(s)[0]) for s in streams)

@@ -127,6 +127,11 @@ class AugmentParams:
         return AugmentParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     @classmethod
+    def cat(cls, parts: Sequence[AugmentParams]) -> AugmentParams:
+        """The parameters of several batches, concatenated in order."""
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+    @classmethod
     def identity(cls, batch: int, height: int, width: int) -> AugmentParams:
         """The full image, no flip, factors 1, hue 0, no grayscale: `augment_batch` then only resizes."""
         full = torch.zeros(batch, dtype=torch.long)

@@ -141,17 +141,14 @@ def _fast(
     norm = (spec.resolution, spec.mean, spec.std)
     # A training domain's `in` split feeds both its training stream and its evaluation: one copy.
     train_in = {i: fast.FastSplit(dataset[i], splits[i][1], spec.device) for i in train_envs}
-    train = [
-        fast.train_batches(
-            train_in[i],
-            spec.batch_size,
-            seed_hash(spec.seed, i),
-            spec.start_step,
-            *norm,
-            spec.augment,
-        )
-        for i in train_envs
-    ]
+    train = fast.train_streams(
+        [train_in[i] for i in train_envs],
+        spec.batch_size,
+        [seed_hash(spec.seed, i) for i in train_envs],
+        spec.start_step,
+        *norm,
+        spec.augment,
+    )
     sources = {}
     for i, domain in enumerate(dataset.domains):
         for split, indices in (("in", splits[i][1]), ("out", splits[i][0])):
