@@ -39,10 +39,12 @@ order -> `rgb_to_grayscale(num_output_channels=3)` -> `normalize`, up to float32
 * hue: torchvision's RGB -> HSV -> shift -> RGB in closed form, channel c =
   max - (max - min) clamp(min(k_c, 4 - k_c), 0, 1), k_c = (n_c + 6 h) mod 6, n = (5, 3, 1);
   a zero shift is skipped as the identity it is.
-* At each of the four positions each op runs once, on the samples whose op is there (a
-  gather and scatter unless that is all of them). Which samples those are is decided on the
-  host from a CPU copy of the parameters (`_Schedule`), and their indices reach the device in
-  one copy per batch.
+* At each of the four positions, one blend of the whole batch does each sample's brightness,
+  contrast or saturation (exact weights of 0 and 1 pick its op: the bits of the op alone), then the
+  hue shift runs on the samples whose op is there (a gather and scatter unless that is all of
+  them). Which samples those are is decided on the host from a CPU copy of the parameters
+  (`_Schedule`), and the weights and indices reach the device in one copy each per batch. On a
+  GPU the host's kernel launches, not the arithmetic, bound this stage: its length is what counts.
 * normalize as x (1 / std) - mean / std, one op that also transposes the image back; within
   1e-6 of torchvision's (x - mean) / std, which `eval_batch` keeps bit for bit.
 
@@ -67,7 +69,7 @@ the batched ops above serve accelerators, and the tests hold the two to float32 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -345,26 +347,6 @@ def _luma(x: Tensor) -> Tensor:
     return r.mul(_LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
 
 
-def _blend(x: Tensor, ref: Tensor | None, f: Tensor) -> Tensor:
-    """torchvision's _blend, clamp(f x + (1 - f) ref, 0, 1), in place; ref None is black."""
-    x.mul_(f)
-    if ref is not None:
-        x.add_(ref.mul_(1 - f))
-    return x.clamp_(0, 1)
-
-
-def _brightness(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, None, f)
-
-
-def _contrast(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _luma(x).mean(dim=(1, 2, 3), keepdim=True), f)
-
-
-def _saturation(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _luma(x), f)
-
-
 def _select(is_b: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """a where is_b is 0, b where it is 1 (exactly: products by 0 and 1 are exact), in a's memory."""
     return a.mul_(1 - is_b).add_(b.mul_(is_b))
@@ -428,67 +410,94 @@ def _grayscale(x: Tensor, _: Tensor | None) -> Tensor:
     return x.copy_(_luma(x).expand_as(x))
 
 
-# The ops by code, each f(x, factor) on (N, 3, H, W) with a factor broadcasting as (N, 1, 1, 1)
-# (grayscale takes none).
-_OPS = {
-    BRIGHTNESS: _brightness,
-    CONTRAST: _contrast,
-    SATURATION: _saturation,
-    HUE: _shift_hue,
-    GRAYSCALE: _grayscale,
-}
-
-
 @dataclass
 class _Schedule:
-    """Which op runs on which samples, in order: the colour ops position by position, then grayscale.
+    """The colour ops position by position, then grayscale, as few kernel sequences as exactness allows.
 
-    Decided on the host from the parameters as `sample_params` returns them, on the CPU (no
-    device sync). Each step is (op code, rows of `index` holding its samples, or None for all
-    samples); `index` is every partial step's samples concatenated and copied to the device once,
-    so the steps need no host-to-device copy (and no sync) of their own.
+    At each of the four positions, brightness, contrast and saturation are one blend of the whole
+    batch, x f + L (1 - f) s + M (1 - f) c clamped to [0, 1], where L is the pixel's luma, M the
+    image's mean luma, and per sample (f, s, c) is (brightness, 0, 0), (contrast, 0, 1),
+    (saturation, 1, 0), or (1, 0, 0) for a sample whose op there is the hue shift. With s, c in
+    {0, 1} and f = 1 every extra term is an exact 0 or an exact product by 1, so each sample gets
+    the bits of its own op alone, clamp(f x + (1 - f) ref, 0, 1) with 1 - f in float32. The hue
+    shift then runs on its samples alone (a gather and scatter unless that is all of them), as
+    does grayscale at the end. On a GPU every op of this sequence costs the host a kernel launch
+    whatever the batch: 7-10 per blend instead of up to three gathered groups of 2-10.
+
+    Decided on the host from the parameters as `sample_params` returns them, on the CPU (no device
+    sync): `blend` holds each position's (f, (1 - f) s, (1 - f) c) as (4, 3, N) (None where no sample
+    blends), `hue` and `grayscale` the rows of `index` holding their samples (None for all,
+    an empty slice for none); `blend` and `index` reach the device in one copy each.
     A zero hue shift is skipped: it is the identity, and the HSV round trip would only add rounding.
     """
 
-    steps: list[tuple[int, slice | None]]
+    blend: Tensor | None
+    blended: list[tuple[bool, bool]]  # per position: any sample blending there, any taking contrast
+    hue: list[slice | None]
+    grayscale: slice | None
     index: Tensor | None
 
     @classmethod
     def of(cls, params: AugmentParams, device: torch.device) -> _Schedule:
-        orders, hues = params.order.tolist(), params.hue.tolist()
-        steps: list[tuple[int, slice | None]] = []
+        order = params.order
+        factors = torch.stack([params.brightness, params.contrast, params.saturation], dim=1)  # by op code
+        is_hue = order == HUE
+        f = torch.where(is_hue, 1.0, factors.gather(1, order.clamp(max=SATURATION)))  # (N, 4) by position
+        rest = 1 - f  # float32, as torchvision's (1 - ratio)
+        weights = (f, torch.where(order == SATURATION, rest, 0.0), torch.where(order == CONTRAST, rest, 0.0))
+        blend = torch.stack(weights, dim=1).permute(2, 1, 0).contiguous()  # (4 positions, 3, N)
+        blended = [(bool((~is_hue[:, k]).any()), bool((order[:, k] == CONTRAST).any())) for k in range(4)]
         flat: list[int] = []
 
-        def add(code: int, samples: list[int]) -> None:
-            if len(samples) == len(orders):
-                steps.append((code, None))
-            elif samples:
-                steps.append((code, slice(len(flat), len(flat) + len(samples))))
-                flat.extend(samples)
+        def rows(samples: list[int]) -> slice | None:
+            if len(samples) == len(order):
+                return None
+            flat.extend(samples)
+            return slice(len(flat) - len(samples), len(flat))
 
-        for pos in range(4):
-            groups: dict[int, list[int]] = {}
-            for i, order in enumerate(orders):
-                if order[pos] != HUE or hues[i] != 0:
-                    groups.setdefault(order[pos], []).append(i)
-            for code, samples in groups.items():
-                add(code, samples)
-        add(GRAYSCALE, [i for i, gray in enumerate(params.grayscale.tolist()) if gray])
-        index = to_device(torch.tensor(flat), device) if flat else None
-        return cls(steps, index)
+        shifted = (params.hue != 0)[:, None] & is_hue
+        hue = [rows(torch.nonzero(shifted[:, k]).flatten().tolist()) for k in range(4)]
+        grayscale = rows(torch.nonzero(params.grayscale).flatten().tolist())
+        index = to_device(torch.tensor(flat, dtype=torch.long), device) if flat else None
+        use = any(any_blend for any_blend, _ in blended)
+        return cls(to_device(blend, device) if use else None, blended, hue, grayscale, index)
+
+
+def _blend_all(x: Tensor, weights: Tensor, contrast: bool) -> Tensor:
+    """One position's brightness/contrast/saturation blend of every sample (see `_Schedule`), in place."""
+    f, saturation, contrast_weight = (w.view(-1, 1, 1, 1) for w in weights)
+    luma = _luma(x)
+    x.mul_(f).add_(luma * saturation)
+    if contrast:
+        x.add_(luma.mean(dim=(1, 2, 3), keepdim=True).mul_(contrast_weight))
+    return x.clamp_(0, 1)
+
+
+def _on_rows(
+    x: Tensor,
+    rows: slice | None,
+    index: Tensor | None,
+    op: Callable[[Tensor, Tensor | None], Tensor],
+    factor: Tensor | None,
+) -> Tensor:
+    """op on the samples at `index[rows]` (all for None, none for an empty slice), written back in place."""
+    if rows is None:
+        return op(x, factor)
+    if rows.start == rows.stop:
+        return x
+    picked = index[rows]  # type: ignore[index]
+    x.index_copy_(0, picked, op(x.index_select(0, picked), None if factor is None else factor[picked]))
+    return x
 
 
 def _colour(x: Tensor, factors: Tensor, schedule: _Schedule) -> Tensor:
     """The schedule's ops on x (N, 3, H, W); `factors` (N, 4) by op code (see `_Plan`)."""
-    for code, rows in schedule.steps:
-        op = _OPS[code]
-        f = None if code == GRAYSCALE else factors[:, code].view(-1, 1, 1, 1)
-        if rows is None:
-            x = op(x, f)
-            continue
-        index = schedule.index[rows]  # type: ignore[index]
-        x.index_copy_(0, index, op(x.index_select(0, index), None if f is None else f[index]))
-    return x
+    shift = factors[:, HUE].view(-1, 1, 1, 1)
+    for k, (any_blend, any_contrast) in enumerate(schedule.blended):
+        if any_blend:
+            x = _blend_all(x, schedule.blend[k], any_contrast)  # type: ignore[index]
+        x = _on_rows(x, schedule.hue[k], schedule.index, _shift_hue, shift)
+    return _on_rows(x, schedule.grayscale, schedule.index, _grayscale, None)
 
 
 def _normalization(mean: Sequence[float], std: Sequence[float], device: torch.device) -> tuple[Tensor, ...]:

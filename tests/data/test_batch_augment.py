@@ -133,6 +133,20 @@ def test_crop_edges_replicate_the_box_not_the_neighbouring_pixels(augment: Augme
     assert _max_diff(got, _reference(images, params, 16, *RAW)) == 0.0
 
 
+def test_a_sample_gets_the_same_bits_in_a_mixed_batch_as_alone() -> None:
+    """The tensor path's batched colour ops (one blend per position for brightness, contrast and
+    saturation; hue and grayscale on their samples) leave each sample's arithmetic its own."""
+    batch, size = 48, 12
+    images = _images(batch, size, size, seed=6)
+    params = sample_params(batch, size, size, _gen(7))
+    params.hue[:6] = 0  # skipped shifts, mixed with applied ones
+    params.grayscale[6:12] = True
+    together = _tensor_ops(images, params, size, MEAN, STD)
+    for i in range(batch):
+        alone = _tensor_ops(images[i : i + 1], params[i : i + 1], size, MEAN, STD)
+        assert torch.equal(together[i : i + 1], alone), i
+
+
 @pytest.mark.parametrize("op", ["brightness", "contrast", "saturation", "hue"])
 def test_each_colour_op_equals_torchvision(op: str, augment: Augment) -> None:
     batch, size = 64, 24
