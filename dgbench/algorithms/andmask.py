@@ -23,6 +23,8 @@ Choices:
   after masking, unmasked.
 - Trainable parameters that a domain's loss does not reach get a zero gradient for that domain.
 - `loss` is the mean of the per-domain CE losses (DomainBed's metric); no penalty is logged.
+- The masked gradient (stacked per-domain gradients, so laid out contiguously) is copied into its
+  parameter's layout: fused Adam on CUDA refuses a channels_last weight with a contiguous gradient.
 """
 
 from __future__ import annotations
@@ -100,6 +102,6 @@ class ANDMask(Algorithm):
                 grad = masked_mean_gradient(torch.stack([g[i] for g in per_domain]), self.cfg.tau)
                 if auxiliary:
                     grad = grad + torch.stack([a[i] for a in auxiliary]).sum(0) / len(batches)
-                param.grad = grad
+                param.grad = torch.empty_like(param).copy_(grad)  # the param's strides: fused Adam needs them
         self.optimizer.step()
         return {"loss": torch.stack(losses).mean().detach()}

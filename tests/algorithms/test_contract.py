@@ -186,6 +186,21 @@ def test_optimizers_step_every_parameter_in_one_fused_kernel(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_gradients_are_laid_out_as_their_parameters_under_channels_last(name):
+    """The fused Adam kernels on CUDA refuse a gradient whose strides differ from its parameter's
+    (found on an H100: AND-mask's averaged gradients were contiguous for channels_last conv
+    weights). The CPU kernels accept it, so the layout itself is checked here."""
+    algorithm = build(name).to(memory_format=torch.channels_last)
+    batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in make_steps(1)[0]]
+    algorithm.update(batches)
+    with_grad = [(n, p) for n, p in algorithm.named_parameters() if p.grad is not None]
+    trains_a_conv = any(p.ndim == 4 and p.requires_grad for p in algorithm.parameters())
+    assert with_grad and (not trains_a_conv or any(p.ndim == 4 for _, p in with_grad)), "nothing checked"
+    wrong = [n for n, p in with_grad if p.grad.stride() != p.stride()]
+    assert not wrong, f"{name}: gradients laid out unlike their parameters: {wrong}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_checkpoint_round_trip_continues_identically(name, tmp_path):
     steps = make_steps(STEPS)
     original = build(name)
