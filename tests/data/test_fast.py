@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dgbench.data import fast
 from dgbench.data.batch_augment import augment_batch, eval_batch, sample_params
 from dgbench.data.fast import FastSplit, train_streams
 from dgbench.data.loaders import StepBatchSampler
@@ -40,9 +41,14 @@ def alone(data: FastSplit, seed: int, step: int, augment: bool) -> tuple[torch.T
     return augment_batch(images, params, RES, MEAN, STD), labels
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["together", "one-by-one"])
 @pytest.mark.parametrize("augment", [True, False])
-def test_each_stream_equals_its_domain_made_alone_in_any_reading_order(augment: bool) -> None:
-    """Augmenting the domains together changes no sample (two domains share a size, one does not)."""
+def test_each_stream_equals_its_domain_made_alone_in_any_reading_order(
+    augment: bool, together: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making the domains' batches together (as on a GPU) changes no sample; two domains share
+    an image size (one augmentation call), one does not (its own call)."""
+    monkeypatch.setattr(fast, "_together", lambda splits: together)
     splits = [split(16, 0), split(16, 1), split(12, 2)]
     streams = train_streams(splits, BATCH, SEEDS, START, RES, MEAN, STD, augment)
     # the trainer reads one batch of each stream per step; here stream 0 runs two steps ahead
