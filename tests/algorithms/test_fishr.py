@@ -171,12 +171,18 @@ def test_loss_penalty_and_ema_state_match_a_float64_hand_computation_over_steps(
 
 
 def test_identical_domains_give_a_zero_penalty():
+    """Zero up to float32 rounding of the features: the featurizer sees the domains as one batch,
+    and a CPU's convolution kernels may round the same image differently at another position in
+    it (seen on an AMD EPYC: a penalty of 7e-20, variances equal to 1e-7 relative)."""
     algorithm = make(lambda_=5.0, penalty_anneal_iters=0)
+    rounding = 8 * torch.finfo(torch.float32).eps  # relative error of a float32 feature, generously
     for step in range(3):
         batch = make_batches(sizes=(6,), seed=step)[0]
-        # zero up to the rounding of a mean over domains of equal values
-        assert algorithm.update([batch] * DOMAINS)["penalty"] == pytest.approx(0.0, abs=1e-30)
-        assert all(torch.equal(algorithm.ema_variance[0], v) for v in algorithm.ema_variance)
+        penalty = float(algorithm.update([batch] * DOMAINS)["penalty"])
+        variances = algorithm.ema_variance.double() / (1 - algorithm.cfg.ema)
+        assert 0 <= penalty <= rounding**2 * float(variances.pow(2).mean())
+        for v in algorithm.ema_variance:
+            torch.testing.assert_close(v, algorithm.ema_variance[0], rtol=rounding, atol=0)
     assert algorithm.ema_variance.abs().sum() > 0
 
 
