@@ -114,6 +114,11 @@ class Algorithm(nn.Module):
     # "owner/repo@commit path:Class". A plugin fills both in.
     paper: ClassVar[str] = ""
     reference: ClassVar[str] = ""
+    # Buffers that stay CPU tensors wherever the model is moved: step counters whose value decides
+    # a host-side branch (an alternation, a warm-up, a learning-rate step). Reading a CUDA buffer
+    # (`int(t)`) waits for every kernel queued so far; a CPU one is a memory read. They stay in the
+    # state_dict under their names, and a checkpoint from any device loads into them.
+    host_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__()
@@ -129,6 +134,13 @@ class Algorithm(nn.Module):
     def update(self, batches: Sequence[DomainBatch]) -> Metrics:
         """One training step on one minibatch per training domain; returns metrics (with "loss")."""
         raise NotImplementedError
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Algorithm:
+        """`nn.Module._apply` (behind `.to()`, `.cuda()`, ...), then `host_buffers` put back as they were."""
+        kept = {name: self._buffers[name] for name in self.host_buffers}
+        super()._apply(fn, recurse)
+        self._buffers.update(kept)
+        return self
 
     def predict(self, x: Tensor) -> Tensor:
         """Logits for a batch of images."""

@@ -94,6 +94,8 @@ class AbstractDANN(Algorithm):
     conditional: ClassVar[bool] = False
     class_balance: ClassVar[bool] = False
 
+    host_buffers = ("update_count",)  # read on the host each step: the discriminator/generator alternation
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         n_features = backbone.n_outputs
@@ -132,8 +134,10 @@ class AbstractDANN(Algorithm):
         """(disc_loss including grad_penalty · P, P); `disc_input` must be part of the graph."""
         disc_out = self.discriminator(disc_input)
         if self.class_balance:
-            y_counts = F.one_hot(y).sum(dim=0)
-            weights = 1.0 / (y_counts[y] * y_counts.shape[0]).to(disc_out.dtype)
+            # DomainBed's one_hot(y) has max(y) + 1 columns, its normaliser; kept on the device
+            # (one_hot without a class count reads max(y) on the host: a sync on CUDA).
+            y_counts = F.one_hot(y, self.num_classes).sum(dim=0)
+            weights = 1.0 / (y_counts[y] * (y.max() + 1)).to(disc_out.dtype)
             loss = (weights * F.cross_entropy(disc_out, domains, reduction="none")).sum()
         else:
             loss = F.cross_entropy(disc_out, domains)

@@ -131,6 +131,8 @@ class DomainDrop(Algorithm):
         ),
     )
 
+    host_buffers = ("update_count",)  # read on the host each step: the learning-rate step
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer_kind = enum_choice(OptimizerKind, cfg.optimizer, "algorithm.optimizer")

@@ -96,6 +96,8 @@ class Fish(Algorithm):
     )
     reference = "facebookresearch/DomainBed@22002ea domainbed/algorithms.py:Fish"
 
+    host_buffers = ("update_count", "order_seed")  # read on the host each step: the seeded domain order
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.inner_optimizer = self.make_optimizer()

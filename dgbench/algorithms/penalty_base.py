@@ -57,6 +57,8 @@ class PenaltyAlgorithm(Algorithm):
 
     warmup_weight: ClassVar[float] = 1.0  # w_t before anneal_iters (DomainBed IRM/VREx: 1.0)
 
+    host_buffers = ("update_count",)  # read on the host each step: the warm-up and the Adam reset
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         self.optimizer = self.make_optimizer()

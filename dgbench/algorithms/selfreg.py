@@ -20,7 +20,8 @@ One step, as in DomainBed's `SelfReg.update`:
    over elements. As in DomainBed, the feature terms compare the *unprojected* features f with
    the shuffled *projections*.
 6. objective = CE(o, y) + C·reg with C = min(CE.item(), 1) (DomainBed's weight: the CE value,
-   capped at 1, detached); one Adam step over the featurizer, head and cdpl.
+   capped at 1, detached; here a clamp of the detached CE on the device, the same float32 value
+   without a host read); one Adam step over the featurizer, head and cdpl.
 
 Randomness comes only from NumPy's and torch's global generators, which the trainer seeds and
 checkpoints, so a resumed run draws the same λ and pairs.
@@ -145,9 +146,10 @@ class SelfReg(Algorithm):
         reg = selfreg_regulariser(logits, features, projections, index2, index3, lam)
 
         loss = F.cross_entropy(logits, y)
-        scale = min(loss.item(), 1.0)
+        # DomainBed's min(CE.item(), 1), kept on the device: the same float32 weight, no host read.
+        scale = loss.detach().clamp(max=1.0)
         objective = loss + scale * reg
         self.optimizer.zero_grad(set_to_none=True)
         (objective + auxiliary_loss(self)).backward()
         self.optimizer.step()
-        return {"loss": loss.item(), "penalty": reg.item(), "reg_weight": scale}
+        return {"loss": loss.detach(), "penalty": reg.detach(), "reg_weight": scale}

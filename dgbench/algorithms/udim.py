@@ -214,6 +214,8 @@ class UDIM(SAM):
     )
     reference = "aailabkaist/UDIM@eb1fb65 UDIM_main/domainbed/algorithms/algorithms.py:IADA_DG_FINAL"
 
+    host_buffers = ("step_count",)  # read on the host each step: the warm-up phase
+
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
         if int(cfg.warmup_ratio) < 1:

@@ -203,7 +203,7 @@ def test_selfreg_update_metrics_and_projection_head():
     y = torch.cat([y for _, y in batches])
     with torch.no_grad():
         ce = float(F.cross_entropy(selfreg.predict(x), y))
-    metrics = selfreg.update(batches)
+    metrics = {k: float(v) for k, v in selfreg.update(batches).items()}
     assert metrics["loss"] == pytest.approx(ce, rel=1e-5)  # CE is invariant to the label sort
     assert metrics["reg_weight"] == pytest.approx(min(ce, 1.0), rel=1e-5)
     assert metrics["penalty"] > 0
