@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.algorithms.penalty_base import full_precision
 from dgbench.backbones.auxiliary import auxiliary_loss
+from dgbench.devices import to_device
 from dgbench.errors import ConfigError
 from dgbench.hparams import LogUniform, hparam
 from dgbench.registry import ALGORITHMS
@@ -152,7 +153,7 @@ class SagNet(Algorithm):
         """(α, permutation) of one `randomize` call, drawn as DomainBed draws them."""
         alpha = torch.rand(n, 1).reshape(n)
         perm = torch.randperm(n)
-        return alpha.to(device), perm.to(device)
+        return to_device(alpha, device), to_device(perm, device)  # pinned, queued: no host wait on CUDA
 
     def randomized(self, z: Tensor, what: Literal["style", "content"]) -> Tensor:
         with full_precision(z.device):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from dgbench.algorithms.base import Algorithm, AlgorithmHParams, DomainBatch, Metrics
 from dgbench.backbones.auxiliary import auxiliary_loss
+from dgbench.devices import to_device
 from dgbench.registry import ALGORITHMS
 
 FEATURE_WEIGHT = 0.3  # DomainBed's weight of the feature terms
@@ -142,7 +143,7 @@ class SelfReg(Algorithm):
         logits = self.classifier(features)
         projections = self.cdpl(features)
         index2, index3 = within_class_permutations(class_interval_ends(y))
-        index2, index3 = index2.to(y.device), index3.to(y.device)
+        index2, index3 = to_device(index2, y.device), to_device(index3, y.device)  # no host wait on CUDA
         reg = selfreg_regulariser(logits, features, projections, index2, index3, lam)
 
         loss = F.cross_entropy(logits, y)
