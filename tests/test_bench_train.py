@@ -22,16 +22,49 @@ def test_protocol_seconds_counts_the_evaluations_the_trainer_makes(steps: int, f
 
 def test_protocol_run_asks_the_dataset_and_ratios_compare_it(tmp_path: Path) -> None:
     assert bench_train.protocol_run("embedded", str(tmp_path)) == {"steps": 1000, "checkpoint_freq": 100}
+    no_start_up = {"outside_loop_s": 0.0, "first_step_s": 1.0, "first_eval_s": 30.0}  # = the steady rates
     result = {
         "protocol": {},
-        "slow": {"steps_per_s": 1.0, "eval_seconds": 30.0, "wall_s": 10.0, "rss_mb": 100.0},
-        "quick": {"steps_per_s": 2.0, "eval_seconds": 3.0, "wall_s": 5.0, "rss_mb": 50.0},
+        "slow": {"steps_per_s": 1.0, "eval_seconds": 30.0, "wall_s": 10.0, "rss_mb": 100.0, **no_start_up},
+        "quick": {  # a compile: 100 s of set-up and a first step of 200 s, then twice the speed
+            "steps_per_s": 2.0,
+            "eval_seconds": 3.0,
+            "wall_s": 5.0,
+            "rss_mb": 50.0,
+            **{"outside_loop_s": 100.0, "first_step_s": 200.0, "first_eval_s": 3.0},
+        },
     }
     bench_train.add_protocol_seconds(result, "embedded", str(tmp_path), ["slow", "quick"])
     assert result["slow"]["protocol_s"] == pytest.approx(1000 + 11 * 30.0)
+    assert result["slow"]["protocol_wall_s"] == result["slow"]["protocol_s"]
+    quick = 1000 / 2 + 11 * 3.0
+    assert result["quick"]["protocol_wall_s"] == pytest.approx(quick + 100 + (200 - 0.5), abs=0.06)
     ratios = bench_train.ratios(result["slow"], result["quick"])
-    assert ratios["protocol_run"] == pytest.approx((1000 + 11 * 30.0) / (1000 / 2 + 11 * 3.0), abs=0.01)
+    assert ratios["protocol_run"] == pytest.approx((1000 + 11 * 30.0) / quick, abs=0.01)
+    assert ratios["protocol_run_with_start_up"] == pytest.approx(1330 / (quick + 299.5), abs=0.01)
     assert ratios["wall"] == 2.0 and ratios["host_rss"] == 0.5
+
+
+def test_fast_overrides_reach_the_fast_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs: dict[str, list[str]] = {}
+    summary = {"steps_per_s": 1.0, "eval_seconds": 1.0, "wall_s": 9.0, "rss_mb": 1.0}
+    summary |= {"outside_loop_s": 1.0, "first_step_s": 1.0, "first_eval_s": 1.0}
+
+    def fake_run(args, extra, output_dir, name):
+        runs[name] = list(extra)
+        return dict(summary)
+
+    monkeypatch.setattr(bench_train, "run", fake_run)
+    argv = ["bench_train.py", "--root", str(tmp_path), "--dataset", "embedded"]
+    argv += ["--json", str(tmp_path / "r.json")]
+    argv += ["--fast-override", "trainer.compile=true", "--fast-override", "trainer.eval_batch_size=512"]
+    argv += ["x.y=1"]  # for both runs
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_train.main()
+    overrides = ["trainer.compile=true", "trainer.eval_batch_size=512"]
+    assert runs["fast"][-2:] == overrides
+    assert not set(overrides) & set(runs["reference"]) and not set(overrides) & set(runs["cache"])
+    assert bench_train.json.loads((tmp_path / "r.json").read_text())["settings"]["fast_override"] == overrides
 
 
 def test_start_up_is_the_wall_time_outside_the_records_steps_and_evaluations() -> None:
