@@ -2,11 +2,12 @@
 
 The reference pipeline decodes and augments one PIL image at a time in DataLoader workers.
 Here a domain's images are one uint8 array (`DomainData.arrays`, N x H x W x 3); a training
-step's batches of all training domains are gathers of rows plus one `augment_batch` call on the
-training device, and an evaluation batch a gather plus `eval_batch`. The batch at step `s` uses
-the same sample indices as the reference pipeline (`StepBatchSampler`), and its augmentation parameters come
-from a generator seeded with `(seed, s)`: a resumed run sees the same data, as with the
-reference pipeline. The augmentation follows the same distributions, not the same draws.
+batch is a gather of rows plus `augment_batch` on the training device (on an accelerator, one
+call for every training domain's batch of the step: `train_streams`), and an evaluation batch a
+gather plus `eval_batch`. The batch at step `s` uses the same sample indices as the reference
+pipeline (`StepBatchSampler`), and its augmentation parameters come from a generator seeded
+with `(seed, s)`: a resumed run sees the same data, as with the reference pipeline. The
+augmentation follows the same distributions, not the same draws.
 
 Folder datasets get their `arrays` from the decoded-image cache (`dgbench.data.image_cache`): a
 read-only memory map of every image squashed to R x R, the reference eval transform's resize.
@@ -135,7 +136,7 @@ def train_streams(
     Split i's batch at step `s` depends only on (seeds[i], s). On an accelerator the streams
     share one producer that makes a step's batches of every split together, so their
     augmentation is one kernel sequence (`augment_splits`), not one per domain: on a GPU each op
-    costs the host a launch (~15 us on the H100 machines) whatever the batch size, and a
+    costs the host a launch (~14 us on the H100 machines) whatever the batch size, and a
     ResNet-50 step at 224 px, 3 x 32 images, is bounded by the host there (per-domain calls cost
     a third of the step). The trainer takes one batch of every stream per step; a stream read
     ahead of the others keeps the others' batches until they are read.
