@@ -5,8 +5,9 @@
 #   2. the same with trainer.compile=true on the fast side (its compilation counts in
 #      protocol_wall_s: what compiling costs and buys per run),
 #   3. the CUDA-only tests (CUDA augmentation against CPU; no host sync between checkpoints),
-#   4. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast),
-#   5. tools/check_cuda.py (every algorithm under bf16 + channels_last; ResNet-50 fp32 vs bf16).
+#   4. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
+#      ResNet-50 fp32 vs bf16),
+#   5. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
 # Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
 # step is reported and the next one still runs. The exit status is the number of failed steps.
 #
@@ -45,7 +46,7 @@ tail -n 12 "$out/bench_train_compile.log"
 step tests python3 -m pytest -q -rs -p no:cacheprovider \
     "tests/test_train.py::test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu" \
     "tests/data/test_batch_augment.py::test_cuda_matches_cpu"
+step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
     --json "$out/bench_data_pipeline.json"
-step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 exit $failed
