@@ -64,6 +64,20 @@ def test_interrupted_run_resumes_to_the_same_final_record(make_cfg, killed_at_ch
     assert without_timing(resumed.record) == without_timing(reference)
 
 
+def test_a_run_interrupted_under_compile_resumes_without_it(make_cfg, killed_at_checkpoint):
+    """`trainer.compile` compiles the featurizer in place, so its checkpoint keeps the plain model's
+    state_dict keys; the key is not part of the run id, so the same run resumes without it."""
+    overrides = [*FAST, "data.pipeline=fast"]
+    plain = train(make_cfg(*overrides, "name=plain"), overrides).record
+    compiled = [*overrides, "trainer.compile=true"]
+    with killed_at_checkpoint(2):  # the checkpoint at step 3, written by the compiled model
+        train(make_cfg(*compiled, "name=run"), compiled)
+    resumed = train(make_cfg(*overrides, "name=run"), overrides)
+    assert [r["step"] for r in read_records(resumed.run_dir / "results.jsonl")] == [0, 3, 6]
+    # the compiled kernels may round differently; nothing else differs
+    assert resumed.record["loss"] == pytest.approx(plain["loss"], rel=1e-3)
+
+
 def test_hparams_seed_samples_and_explicit_overrides_win(make_cfg):
     overrides = ["trainer.steps=2", "trainer.checkpoint_freq=5", "hparams_seed=3", "algorithm.lr=0.0002"]
     cfg = make_cfg(*overrides)
