@@ -80,3 +80,33 @@ def killed_at_checkpoint() -> Callable[[int], AbstractContextManager[None]]:
             yield
 
     return killed
+
+
+@pytest.fixture
+def host_reads() -> type:
+    """`with host_reads() as reads: ...` records (op, args) of the ops that, on CUDA, make the host
+    wait for the GPU: reading a value (`.item()`, `int()`, `float()`, `bool()` all dispatch
+    `_local_scalar_dense`) or making an output whose shape depends on values (nonzero, a
+    boolean-mask gather, bincount, unique). Runs on CPU, so the tests can count what check_cuda's
+    `syncs` column counts on a GPU (blocking host-to-device copies excepted)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shaped_by_values = {"aten::nonzero", "aten::masked_select", "aten::bincount", "aten::_unique2"}
+    shaped_by_values.add("aten::unique_dim")
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads: list[tuple[str, tuple[Any, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func._schema.name
+            mask_gather = func is torch.ops.aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+            )
+            if name == "aten::_local_scalar_dense" or name in shaped_by_values or mask_gather:
+                self.reads.append((name, args))
+            return func(*args, **(kwargs or {}))
+
+    return HostReads

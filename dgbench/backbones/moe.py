@@ -31,8 +31,12 @@ Deviations from the reference:
 - E = 1 gives an aux loss of 0; tutel's unbiased variance of one value is NaN.
 - gate_noise = 0 uses the step function (the limit of the Normal CDF) in the load term;
   tutel's Normal(0, 0) is invalid. Capacity factors <= 0 (tutel's dynamic capacity) are refused.
-- Experts run one after another on the tokens routed to them (index_select / index_add)
-  instead of tutel's fused dispatch kernels: same results, no custom kernels.
+- Experts run one after another on their `capacity` rows (tutel's layout: the kept choices at
+  their slots, the unused rows zero with a zero gate) through index_select / index_add instead of
+  tutel's fused dispatch kernels: same results, no custom kernels. The shapes depend on the token
+  count alone, so a GPU step reads nothing on the host (gathering each expert's tokens by a mask
+  made the host wait about 16 times per layer and forward); the unused rows cost expert compute,
+  up to capacity_factor * k * T rows in all against the kept choices (as in tutel).
 """
 
 from __future__ import annotations
@@ -120,6 +124,12 @@ def route(scores: Tensor, top_k: int, capacity_factor: float) -> Routing:
     return Routing(experts, gates, slots, expert_capacity(num_tokens, num_experts, top_k, capacity_factor))
 
 
+def _one_hot(index: Tensor, num_classes: int) -> Tensor:
+    """F.one_hot(index, num_classes) as a scatter: one_hot checks its range on the host on CPU,
+    which the host-read tests would count (on CUDA it does not)."""
+    return index.new_zeros(*index.shape, num_classes).scatter_(-1, index[..., None], 1)
+
+
 def priority_slots(experts: Tensor, priority: Tensor, num_experts: int) -> Tensor:
     """Slot of each choice (T, k): rank by descending `priority` among the tokens sent to the same
     expert with the same choice rank, after all earlier-rank choices for that expert."""
@@ -129,7 +139,7 @@ def priority_slots(experts: Tensor, priority: Tensor, num_experts: int) -> Tenso
     queued = experts.new_zeros(num_experts)  # choices of earlier ranks already queued per expert
     slots = []
     for choice in experts.unbind(dim=1):
-        onehot = F.one_hot(choice, num_experts)
+        onehot = _one_hot(choice, num_experts)
         position = onehot[order].cumsum(dim=0)[rank] - 1  # (T, E): place among tokens in priority order
         slots.append(position.gather(1, choice[:, None]).squeeze(1) + queued[choice])
         queued = queued + onehot.sum(dim=0)
@@ -214,24 +224,30 @@ class SparseMoE(AuxiliaryLayer):
         return routing, aux
 
     def combine(self, tokens: Tensor, routing: Routing) -> Tensor:
-        """Σ over kept choices of gate * expert(token); tokens with no kept choice stay 0."""
-        kept = routing.kept
-        token_ids = torch.arange(tokens.shape[0], device=tokens.device)[:, None].expand_as(kept)[kept]
-        expert_ids, gates = routing.experts[kept], routing.gates[kept]
-        out = torch.zeros_like(tokens)
+        """Σ over kept choices of gate * expert(token); tokens with no kept choice stay 0.
+
+        Expert e runs on rows e*C .. e*C + C - 1 of a buffer of C = `routing.capacity` rows per
+        expert: the token of each kept choice at its slot, the zero row T (gate 0) elsewhere.
+        """
+        num_tokens, capacity = tokens.shape[0], routing.capacity
+        spare = len(self.experts) * capacity  # where dropped choices point: a row no expert reads
+        rows = torch.where(routing.kept, routing.experts * capacity + routing.slots, spare).flatten()
+        token_ids = torch.arange(num_tokens, device=tokens.device)[:, None].expand_as(routing.kept).flatten()
+        source = torch.full((spare + 1,), num_tokens, dtype=torch.long, device=tokens.device)
+        source = source.scatter(0, rows, token_ids)
+        gates = routing.gates.new_zeros(spare + 1).scatter(0, rows, routing.gates.flatten())
+        padded = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
+        out = torch.zeros_like(padded)
         for index, expert in enumerate(self.experts):
-            mine = expert_ids == index
-            ids = token_ids[mine]
-            if ids.numel() == 0:
-                continue
-            y = expert(tokens.index_select(0, ids)) * gates[mine][:, None]
-            out.index_add_(0, ids, y.to(out.dtype))
-        return out
+            span = slice(index * capacity, (index + 1) * capacity)
+            y = expert(padded.index_select(0, source[span])) * gates[span, None]
+            out.index_add_(0, source[span], y.to(out.dtype))
+        return out[:num_tokens]
 
     def routing_metrics(self, routing: Routing, aux: Tensor) -> dict[str, Tensor]:
         """Share of choices dropped by capacity, per-expert share before the drop, unweighted aux loss."""
         choices = routing.experts.numel()
-        counts = torch.bincount(routing.experts.flatten(), minlength=self.num_experts)
+        counts = _one_hot(routing.experts.flatten(), self.num_experts).sum(dim=0)
         metrics = {"dropped_fraction": (~routing.kept).sum() / choices, "aux_loss": aux}
         metrics.update({f"load_e{i}": counts[i] / choices for i in range(self.num_experts)})
         return metrics

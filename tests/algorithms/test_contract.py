@@ -38,7 +38,6 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dgbench.algorithms.base import Algorithm
 from dgbench.backbones import Featurizer, build_backbone
@@ -201,33 +200,19 @@ def test_gradients_are_laid_out_as_their_parameters_under_channels_last(name):
     assert not wrong, f"{name}: gradients laid out unlike their parameters: {wrong}"
 
 
-class BufferReads(TorchDispatchMode):
-    """Records the buffers of `module` whose value an op reads on the host (`.item()`, `int()`,
-    `float()`, `bool()` all dispatch `_local_scalar_dense`): on CUDA each such read waits for
-    every kernel queued so far, unless the buffer is one of `module.host_buffers` (kept on CPU)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.buffers = {b.data_ptr(): n for n, b in module.named_buffers() if b.numel()}
-        self.read: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() in self.buffers:
-            self.read.append(self.buffers[args[0].data_ptr()])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("name", NAMES)
-def test_buffers_read_on_the_host_stay_on_the_cpu(name):
+def test_buffers_read_on_the_host_stay_on_the_cpu(name, host_reads):
     """A step counter that decides a host-side branch (DANN's alternation, a penalty's warm-up,
     a learning-rate step) is a host buffer: it survives `.to()` on the CPU, in the state_dict
     under its name, so reading it never makes the host wait for the GPU."""
     algorithm = build(name)
     steps = make_steps(2)
     algorithm.update(steps[0])
-    with BufferReads(algorithm) as reads:
+    buffers = {b.data_ptr(): n for n, b in algorithm.named_buffers() if b.numel()}
+    with host_reads() as reads:
         algorithm.update(steps[1])
-    not_host = sorted(set(reads.read) - set(algorithm.host_buffers))
+    read = {buffers.get(args[0].data_ptr()) for op, args in reads.reads if op == "aten::_local_scalar_dense"}
+    not_host = sorted(read - {None} - set(algorithm.host_buffers))
     assert not not_host, f"{name}: host reads of device buffers {not_host}: add them to host_buffers"
     state = {k: v.clone() for k, v in algorithm.state_dict().items()}
     moved = algorithm.to("meta")  # a device that is not the CPU, as CUDA would be

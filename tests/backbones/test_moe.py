@@ -225,6 +225,17 @@ def test_forward_matches_naive_rederivation(top_k: int, mode: str, monkeypatch: 
     assert [metrics[f"load_e{i}"] for i in range(4)] == pytest.approx(naive.loads)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_a_training_step_reads_nothing_on_the_host(top_k: int, host_reads: type) -> None:
+    """Routing, dispatch, combine, metrics and backward have shapes fixed by the token count, so
+    on a GPU the host never waits for them (check_cuda counted 48 syncs in a GMoE step before)."""
+    layer = make_layer(seed=top_k, top_k=top_k, capacity_factor=0.75).train()
+    x = tokens_for(3).requires_grad_()
+    with host_reads() as reads:
+        layer(x).square().sum().backward()
+    assert [op for op, _ in reads.reads] == []
+
+
 def test_top2_gates_renormalised_and_second_choices_queue_behind_first(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
