@@ -159,11 +159,9 @@ def train_streams(
         ]
         images = [x for x, _, _ in taken]
         if augment:
-            seeded = [seed_hash(seeds[i], "augment", step) for i in members]
-            generators = [torch.Generator().manual_seed(seed) for seed in seeded]
             params = [
-                sample_params(len(x), splits[i].height, splits[i].width, generator)
-                for x, i, generator in zip(images, members, generators, strict=True)
+                _draw(splits[i], len(x), seed_hash(seeds[i], "augment", step))
+                for x, i in zip(images, members, strict=True)
             ]
             outputs = augment_splits(images, params, resolution, mean, std)
         else:
@@ -179,6 +177,12 @@ def train_streams(
             yield pending[i].popleft()
 
     return [stream(i) for i in everyone]
+
+
+def _draw(split: FastSplit, count: int, seed: int) -> AugmentParams:
+    """Augmentation parameters for `count` images of `split`, from a generator seeded with `seed`
+    alone, so a batch's draw does not depend on what ran before it (a resumed run sees the same)."""
+    return sample_params(count, split.height, split.width, torch.Generator().manual_seed(seed))
 
 
 def _together(splits: Sequence[FastSplit]) -> bool:
@@ -236,6 +240,5 @@ def eval_batches(
         if augment_seed is None:
             yield eval_batch(images, resolution, mean, std), labels, skipped
         else:
-            generator = torch.Generator().manual_seed(seed_hash(augment_seed, start))
-            params = sample_params(len(images), split.height, split.width, generator)
+            params = _draw(split, len(images), seed_hash(augment_seed, start))
             yield augment_batch(images, params, resolution, mean, std), labels, skipped
