@@ -88,6 +88,9 @@ class TrainerConfig:
     channels_last: bool = True  # channels_last model and batches (faster convolutions on CUDA and CPU)
     deterministic: bool = False  # CUDA: deterministic kernels, no cudnn.benchmark autotuning (slower)
     compile: bool = False  # torch.compile the featurizer (its first steps compile: worth it for long runs)
+    # CUDA: capture the training step as one CUDA graph and replay it (dgbench.graphs), for
+    # algorithms that declare their step capturable (Algorithm.graph_safe); the others run eagerly
+    cuda_graph: bool = False
     evaluate: EvalSplits = EvalSplits.all  # all | selection (skip the training domains' `in` splits)
     progress: bool = True  # progress bar with step, loss and ETA
     # Weight averaging (dgbench.averaging), each recorded as its own series "<algorithm> + <kind>":
@@ -157,6 +160,7 @@ NON_DEFINING_KEYS = (
     "trainer.progress",
     "trainer.deterministic",  # CUDA kernels differ in rounding only
     "trainer.compile",
+    "trainer.cuda_graph",
     "logger",
     "search",  # what it draws is in the config itself
 )

@@ -49,6 +49,7 @@ from dgbench.data.pipeline import PipelineSpec, build_streams
 from dgbench.data.splits import split_indices
 from dgbench.devices import synchronize
 from dgbench.errors import ConfigError, DGBenchError
+from dgbench.graphs import GraphedStep
 from dgbench.loggers import build_sink, check_logger
 from dgbench.meter import StepMeter, mean_metrics
 from dgbench.records import (
@@ -239,6 +240,10 @@ def _train(
         [dataset.domains[i] for i in test_envs],
     )
     autocast = _autocast(device, cfg.trainer.amp)
+    graphed: GraphedStep | None = None  # captured at the first step (trainer.cuda_graph)
+    capture = on_cuda and cfg.trainer.cuda_graph and algorithm.graph_safe
+    if on_cuda and cfg.trainer.cuda_graph and not capture:
+        log.info("%s does not declare its step capturable (graph_safe): eager steps", cfg.algorithm.name)
     train_names = [dataset.domains[i] for i in train_envs]
 
     def evaluate(model: Algorithm) -> tuple[dict[str, dict[str, float]], float, int]:
@@ -263,8 +268,12 @@ def _train(
                 x, y, skipped = next(it)
                 batches.append(_to_device((x, y), device, memory_format))
                 skipped_images += skipped
-            with autocast:
-                metrics = _require_metrics(algorithm.update(batches), cfg.algorithm.name)
+            if capture:
+                graphed = graphed or GraphedStep(algorithm, batches, _amp_dtype(device, cfg.trainer.amp))
+                metrics = _require_metrics(graphed(batches), cfg.algorithm.name)
+            else:
+                with autocast:
+                    metrics = _require_metrics(algorithm.update(batches), cfg.algorithm.name)
             # read at the checkpoint, not now: a float per step would make the host wait for the GPU
             meter.add(step, {**metrics, **auxiliary_metrics(algorithm)})  # + e.g. MoE routing metrics
             averaging.after_step(algorithm, step)
@@ -450,10 +459,13 @@ def _cuda_kernels(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def _amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    return torch.bfloat16 if device.type == "cuda" and amp else None
+
+
 def _autocast(device: torch.device, amp: bool) -> AbstractContextManager[Any]:
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    dtype = _amp_dtype(device, amp)
+    return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
 
 def _seed_everything(seed: int) -> None:

@@ -78,6 +78,16 @@ def test_a_run_interrupted_under_compile_resumes_without_it(make_cfg, killed_at_
     assert resumed.record["loss"] == pytest.approx(plain["loss"], rel=1e-3)
 
 
+def test_cuda_graph_is_not_part_of_the_run_and_changes_nothing_off_cuda(make_cfg):
+    """`trainer.cuda_graph` says how a step runs on CUDA, not what it computes: the same run id, and
+    on CPU the same records (its CUDA behaviour: tests/test_graphs.py and the sync test below)."""
+    graphed = [*FAST, "trainer.cuda_graph=true"]
+    plain = train(make_cfg(*FAST, "name=plain"), FAST).record
+    record = train(make_cfg(*graphed, "name=graphed"), graphed).record
+    assert record["run_id"] == plain["run_id"]
+    assert without_timing(record) == without_timing(plain)
+
+
 def test_hparams_seed_samples_and_explicit_overrides_win(make_cfg):
     overrides = ["trainer.steps=2", "trainer.checkpoint_freq=5", "hparams_seed=3", "algorithm.lr=0.0002"]
     cfg = make_cfg(*overrides)
@@ -258,7 +268,8 @@ def test_a_metric_that_is_not_a_scalar_is_named_at_its_step(make_cfg, monkeypatc
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu(make_cfg, monkeypatch):
+@pytest.mark.parametrize("graph", ["false", "true"])
+def test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu(make_cfg, monkeypatch, graph):
     """No `.item()`, no blocking copy, no other host sync from one checkpoint to the next, so the
     host queues the next batch's kernels while the GPU still runs the current step. Any sync in
     the steps raises (`torch.cuda.set_sync_debug_mode("error")`); the checkpoints' syncs are allowed."""
@@ -276,7 +287,7 @@ def test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu(make_cfg, mo
 
     monkeypatch.setattr(train_module, "synchronize", synchronize)
     monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
-    overrides = [*FAST, "data.pipeline=fast", "trainer.device=cuda"]
+    overrides = [*FAST, "data.pipeline=fast", "trainer.device=cuda", f"trainer.cuda_graph={graph}"]
     try:
         result = train(make_cfg(*overrides), overrides)
     finally:

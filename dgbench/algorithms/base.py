@@ -119,6 +119,10 @@ class Algorithm(nn.Module):
     # (`int(t)`) waits for every kernel queued so far; a CPU one is a memory read. They stay in the
     # state_dict under their names, and a checkpoint from any device loads into them.
     host_buffers: ClassVar[tuple[str, ...]] = ()
+    # The update can be captured as one CUDA graph and replayed (`dgbench.graphs`, trainer.cuda_graph):
+    # fixed shapes, no host reads of device values, no host-side state that changes between steps,
+    # Adam or AdamW optimizers. Off unless an algorithm declares it; a subclass inherits it.
+    graph_safe: ClassVar[bool] = False
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__()

@@ -34,6 +34,7 @@ class ERM(Algorithm):
         "Lost Domain Generalization, ICLR 2021, arXiv:2007.01434"
     )
     reference = "facebookresearch/DomainBed@b93c22a domainbed/algorithms.py:ERM"
+    graph_safe = True  # one forward, one backward, one Adam step; nothing read on the host
 
     def __init__(self, backbone: nn.Module, num_classes: int, num_domains: int, cfg: Any) -> None:
         super().__init__(backbone, num_classes, num_domains, cfg)
