@@ -67,6 +67,40 @@ def test_fast_overrides_reach_the_fast_run_only(tmp_path: Path, monkeypatch: pyt
     assert bench_train.json.loads((tmp_path / "r.json").read_text())["settings"]["fast_override"] == overrides
 
 
+def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commands: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    def fake_measured(command, env):
+        name = next(a for a in command if a.startswith("name=")).removeprefix("name=")
+        commands[name] = (command, env)
+        output_dir = next(a for a in command if a.startswith("output_dir=")).removeprefix("output_dir=")
+        results = Path(output_dir, name, "run", "results.jsonl")
+        results.parent.mkdir(parents=True)
+        record = {
+            "step": 0,
+            "step_time": 1.0,
+            "metrics": {"eval_time": 1.0},
+            "acc": {"a": {}},
+            "test_envs": [],
+        }
+        results.write_text(bench_train.json.dumps({**record, "mem_gb": 1.0}) + "\n")
+        return 9.0, {"rss_mb": 1.0}
+
+    monkeypatch.setattr(bench_train, "run_measured", fake_measured)
+    monkeypatch.setattr(bench_train, "machine_info", lambda args: {})  # no GPU to name here
+    argv = ["bench_train.py", "--root", str(tmp_path), "--dataset", "embedded", "--device", "cuda"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--fast-override", "trainer.compile=false"])
+    bench_train.main()
+    fast, env = commands["fast"]
+    assert fast[-3:] == ["trainer.compile=true", "trainer.cuda_graph=true", "trainer.compile=false"]
+    assert not any("compile" in a or "cuda_graph" in a for a in commands["reference"][0])
+    inductor = Path(env["TORCHINDUCTOR_CACHE_DIR"])
+    assert inductor.name == "inductor" and not inductor.parent.exists()  # the run's temp dir, gone
+    assert env["PATH"] == bench_train.os.environ["PATH"]  # the rest of the environment is passed on
+
+
 def test_start_up_is_the_wall_time_outside_the_records_steps_and_evaluations() -> None:
     records = [  # steps 0 | 1-5 | 6-9, as the trainer records them with checkpoint_freq=5, steps=10
         {"step": 0, "step_time": 4.0, "metrics": {"eval_time": 3.0}},

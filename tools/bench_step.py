@@ -1,0 +1,142 @@
+"""Where a GPU training step's time goes: eager vs CUDA graph vs torch.compile, side by side.
+
+ERM on ResNet-50 (frozen BatchNorm, as DomainBed) at 224 px, 3 domains x 32 images, bf16 autocast,
+in one process, each variant on a freshly built model:
+
+    eager_nchw     the eager step, contiguous (NCHW) model and batches
+    eager          the eager step, channels_last (the trainer's default)
+    graph          `dgbench.graphs.GraphedStep`: the same step captured once, then replayed
+    compile        `trainer.compile`: the featurizer torch.compiled in place, eager step around it
+    compile+graph  both: the compiled step captured
+
+Reported per variant: ms per step over `--steps` steps queued back to back (as the trainer runs
+them: no sync between steps), the seconds its set-up took (compilation, capture), and for the
+eager variants the GPU's busy time per step from the profiler (the sum of its kernels' times): when
+a step's wall time is well above its kernels' time, the host's launches bound it.
+
+    python tools/bench_step.py [--steps 40] [--variants eager,graph] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from typing import Any
+
+import bench_algorithms  # tools/ is on sys.path when run as a script
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from dgbench.components import load_components
+from dgbench.graphs import GraphedStep
+
+DOMAINS, BATCH, RESOLUTION = 3, 32, 224
+RESNET50 = {"arch": "timm", "name": "resnet50", "pretrained": False, "bn": "frozen"}
+VARIANTS = ("eager_nchw", "eager", "graph", "compile", "compile+graph")
+
+
+def build_step(variant: str, device: torch.device) -> tuple[Callable[[], Any], float]:
+    """A function running one training step of `variant`, and the seconds its set-up took."""
+    memory_format = torch.contiguous_format if variant == "eager_nchw" else torch.channels_last
+    algorithm = bench_algorithms.build("erm", RESNET50, DOMAINS, BATCH, device)
+    algorithm = algorithm.to(memory_format=memory_format)
+    batches = bench_algorithms.random_batches(DOMAINS, BATCH, RESOLUTION, device, memory_format)
+    start = time.perf_counter()
+    if variant.startswith("compile"):
+        algorithm.featurizer.compile()
+    if variant.endswith("graph"):
+        graphed = GraphedStep(algorithm, batches, torch.bfloat16)
+        torch.cuda.synchronize()
+        return (lambda: graphed(batches)), time.perf_counter() - start
+
+    def eager() -> Any:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return algorithm.update(batches)
+
+    for _ in range(3):  # cudnn autotuning, the optimizer's state, a compilation
+        eager()
+    torch.cuda.synchronize()
+    return eager, time.perf_counter() - start
+
+
+def ms_per_step(step: Callable[[], Any], steps: int) -> float:
+    """Wall milliseconds per step over `steps` steps queued back to back, synchronized at the ends."""
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def gpu_busy(step: Callable[[], Any], steps: int = 5) -> dict[str, Any]:
+    """Per step: the summed time of the GPU's kernels and copies, their number, and those that take
+    the most time."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    # the kernels and copies themselves: an op's row repeats its kernels' time as its own
+    rows = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return {
+        "gpu_busy_ms": round(sum(e.self_device_time_total for e in rows) / 1e3 / steps, 2),
+        "kernels_per_step": round(sum(e.count for e in rows) / steps),
+        "top": [
+            {
+                "op": e.key[:90],
+                "ms": round(e.self_device_time_total / 1e3 / steps, 2),
+                "calls": e.count // steps,
+            }
+            for e in rows[:12]
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_step needs a CUDA device")
+    load_components()
+    torch.backends.cudnn.benchmark = True  # the trainer's setting unless trainer.deterministic
+    device = torch.device("cuda")
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "settings": {"domains": DOMAINS, "batch": BATCH, "resolution": RESOLUTION, "steps": args.steps},
+        "variants": {},
+    }
+    for variant in args.variants.split(","):
+        try:
+            step, set_up = build_step(variant, device)
+            row: dict[str, Any] = {"ms_per_step": round(ms_per_step(step, args.steps), 2)}
+            row["set_up_s"] = round(set_up, 1)
+            if variant.startswith("eager"):
+                row.update(gpu_busy(step))
+        except Exception as error:  # report every variant
+            row = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        report["variants"][variant] = row
+        print(variant, json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    base = report["variants"].get("eager", {}).get("ms_per_step")
+    for row in report["variants"].values():
+        if base and "ms_per_step" in row:
+            row["speedup_vs_eager"] = round(base / row["ms_per_step"], 2)
+    print(json.dumps(report, indent=1))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
