@@ -3,13 +3,15 @@
 # wanted first, so a run cut short still leaves them:
 #   1. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32: the target;
 #      the fast side compiled and CUDA-graphed, its cold compilation counted in protocol_wall_s),
-#   2. the same with an eager fast side (trainer.compile=false, trainer.cuda_graph=false),
-#   3. tools/bench_step.py (one step: eager NCHW / channels_last, CUDA graph, compile, both),
-#   4. the CUDA-only tests (CUDA augmentation against CPU; no host sync between checkpoints;
+#   2. the same with 4 inductor compile workers instead of one per core (what they cost in peak
+#      host memory, against what they save in compilation time),
+#   3. the same with an eager fast side (trainer.compile=false, trainer.cuda_graph=false),
+#   4. tools/bench_step.py (one step: eager NCHW / channels_last, CUDA graph, compile, both),
+#   5. the CUDA-only tests (CUDA augmentation against CPU; no host sync between checkpoints;
 #      a replayed CUDA graph follows the eager steps),
-#   5. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
+#   6. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
 #      ResNet-50 fp32 vs bf16),
-#   6. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
+#   7. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
 # Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
 # step is reported and the next one still runs. The exit status is the number of failed steps.
 #
@@ -42,6 +44,9 @@ step() {  # step NAME COMMAND...: run it, keep its log, say how it went
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 step bench_train python3 tools/bench_train.py --root "$root" --device cuda --json "$out/bench_train.json"
 tail -n 25 "$out/bench_train.log"
+step bench_train_4_compile_workers env TORCHINDUCTOR_COMPILE_THREADS=4 python3 tools/bench_train.py \
+    --root "$root" --device cuda --json "$out/bench_train_4_compile_workers.json"
+tail -n 12 "$out/bench_train_4_compile_workers.log"
 step bench_train_eager python3 tools/bench_train.py --root "$root" --device cuda \
     --fast-override trainer.compile=false --fast-override trainer.cuda_graph=false \
     --json "$out/bench_train_eager.json"
