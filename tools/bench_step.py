@@ -4,6 +4,8 @@ ERM on ResNet-50 (frozen BatchNorm, as DomainBed) at 224 px, 3 domains x 32 imag
 in one process, each variant on a freshly built model:
 
     eager_nchw     the eager step, contiguous (NCHW) model and batches
+    eager_native_bn  the eager step, channels_last, with PyTorch's own eval-mode BatchNorm backward
+                   (`dgbench.backbones.fixed_stats_bn` off: it writes the input gradient NCHW)
     eager          the eager step, channels_last (the trainer's default)
     graph          `dgbench.graphs.GraphedStep`: the same step captured once, then replayed
     compile        `trainer.compile`: the featurizer torch.compiled in place, eager step around it
@@ -31,12 +33,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from dgbench.backbones.fixed_stats_bn import use_fixed_stats_kernels
 from dgbench.components import load_components
 from dgbench.graphs import GraphedStep
 
 DOMAINS, BATCH, RESOLUTION = 3, 32, 224
 RESNET50 = {"arch": "timm", "name": "resnet50", "pretrained": False, "bn": "frozen"}
-VARIANTS = ("eager_nchw", "eager", "graph", "compile", "compile+graph")
+VARIANTS = ("eager_nchw", "eager_native_bn", "eager", "graph", "compile", "compile+graph")
 
 
 def build_step(variant: str, device: torch.device) -> tuple[Callable[[], Any], float]:
@@ -44,6 +47,7 @@ def build_step(variant: str, device: torch.device) -> tuple[Callable[[], Any], f
     memory_format = torch.contiguous_format if variant == "eager_nchw" else torch.channels_last
     algorithm = bench_algorithms.build("erm", RESNET50, DOMAINS, BATCH, device)
     algorithm = algorithm.to(memory_format=memory_format)
+    use_fixed_stats_kernels(algorithm, on=variant != "eager_native_bn")
     batches = bench_algorithms.random_batches(DOMAINS, BATCH, RESOLUTION, device, memory_format)
     start = time.perf_counter()
     if variant.startswith("compile"):

@@ -6,9 +6,10 @@
 #   2. the same with 4 inductor compile workers instead of one per core (what they cost in peak
 #      host memory, against what they save in compilation time),
 #   3. the same with an eager fast side (trainer.compile=false, trainer.cuda_graph=false),
-#   4. tools/bench_step.py (one step: eager NCHW / channels_last, CUDA graph, compile, both),
+#   4. tools/bench_step.py (one step: eager NCHW / channels_last with PyTorch's or dgbench's
+#      frozen-BatchNorm backward, CUDA graph, compile, both),
 #   5. the CUDA-only tests (CUDA augmentation against CPU; no host sync between checkpoints;
-#      a replayed CUDA graph follows the eager steps),
+#      a replayed CUDA graph follows the eager steps; the frozen-BatchNorm backward on CUDA),
 #   6. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
 #      ResNet-50 fp32 vs bf16),
 #   7. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
@@ -54,7 +55,8 @@ tail -n 12 "$out/bench_train_eager.log"
 step bench_step python3 tools/bench_step.py --json "$out/bench_step.json"
 step tests python3 -m pytest -q -rs -p no:cacheprovider \
     "tests/test_train.py::test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu" \
-    "tests/data/test_batch_augment.py::test_cuda_matches_cpu" tests/test_graphs.py
+    "tests/data/test_batch_augment.py::test_cuda_matches_cpu" tests/test_graphs.py \
+    tests/backbones/test_fixed_stats_bn.py
 step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
     --json "$out/bench_data_pipeline.json"
