@@ -1,4 +1,4 @@
-"""A training step replayed as one CUDA graph: the host launches one graph, not ~700 kernels.
+"""A training step replayed as one CUDA graph: the host launches one graph, not hundreds of kernels.
 
 An eager step costs the host a few microseconds per kernel it launches (dispatch, autograd
 bookkeeping, the Python around it). When the GPU runs those kernels faster than the host can
@@ -14,8 +14,8 @@ put back after: the first replay is the run's next step, as it would have been i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -89,26 +89,23 @@ class GraphedStep:
         return outputs
 
 
-class saved_state:
+@contextmanager
+def saved_state(algorithm: Algorithm) -> Iterator[None]:
     """Put the algorithm's tensors and its optimizers' state back as they were on entry, in place
     (a captured graph holds their addresses). A parameter with no optimizer state on entry gets
     zeros: Adam's fresh state, which its first step would have made."""
-
-    def __init__(self, algorithm: Algorithm) -> None:
-        self.algorithm = algorithm
-
-    def __enter__(self) -> None:
-        self.tensors = [(t, t.clone()) for t in self.algorithm.state_dict().values()]
-        self.optimizer_state = [
-            (optimizer, {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()})
-            for optimizer in self.algorithm.optimizers().values()
-        ]
-
-    def __exit__(self, *exc: object) -> None:
+    tensors = [(t, t.clone()) for t in algorithm.state_dict().values()]
+    optimizer_state = [
+        (optimizer, {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()})
+        for optimizer in algorithm.optimizers().values()
+    ]
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for tensor, saved in self.tensors:
+            for tensor, saved in tensors:
                 tensor.copy_(saved)
-            for optimizer, before in self.optimizer_state:
+            for optimizer, before in optimizer_state:
                 for param, state in optimizer.state.items():
                     for key, value in state.items():
                         if not isinstance(value, Tensor):
@@ -119,18 +116,16 @@ class saved_state:
                             value.zero_()
 
 
-class capturable:
+@contextmanager
+def capturable(algorithm: Algorithm) -> Iterator[None]:
     """Optimizers flagged `capturable` while a graph is captured (torch refuses to capture a step
     otherwise); fused Adam runs the same kernel either way, and the flag is put back after."""
-
-    def __init__(self, algorithm: Algorithm) -> None:
-        self.groups = [g for o in algorithm.optimizers().values() for g in o.param_groups]
-
-    def __enter__(self) -> None:
-        self.flags = [g.get("capturable", False) for g in self.groups]
-        for group in self.groups:
-            group["capturable"] = True
-
-    def __exit__(self, *exc: object) -> None:
-        for group, flag in zip(self.groups, self.flags, strict=True):
+    groups = [g for o in algorithm.optimizers().values() for g in o.param_groups]
+    flags = [g.get("capturable", False) for g in groups]
+    for group in groups:
+        group["capturable"] = True
+    try:
+        yield
+    finally:
+        for group, flag in zip(groups, flags, strict=True):
             group["capturable"] = flag
