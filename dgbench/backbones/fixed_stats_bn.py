@@ -49,21 +49,24 @@ class _FixedStatsBatchNorm(torch.autograd.Function):
             grad_x = torch.empty_like(grad)  # the gradient's layout, not contiguous
             torch.mul(grad, scale.view(per_channel), out=grad_x)  # float32 product, rounded once
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            sum_dy, sum_dy_xmu = _channel_sums(grad, x, mean, invstd)
+            sum_dy, sum_dy_xmu = _channel_sums(grad, x, mean, invstd, weight)
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
             grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def _channel_sums(grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+def _channel_sums(
+    grad: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Per channel: sum(grad) and sum(grad · (x - mean)), accumulated in float32 or wider. Off CUDA
     (reached only by calling the function directly: the layer keeps PyTorch's kernels there) the
     sums are written out, the definition the tests hold the backward to."""
     if grad.is_cuda:  # PyTorch's own fused reduction (what its BatchNorm backward calls)
         # input_g=True: the sums themselves (PyTorch's eval-mode backward asks for grad_w and grad_b,
-        # which the kernel forms as sum_dy_xmu * invstd and sum_dy, as below)
+        # which the kernel forms as sum_dy_xmu * invstd and sum_dy, as below). The weight tells its
+        # non-channels_last kernel that bf16 inputs come with float32 statistics.
         sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
-            grad, x, mean, invstd, None, True, False, False
+            grad, x, mean, invstd, weight, True, False, False
         )
         return sum_dy, sum_dy_xmu
     dims = [0, *range(2, x.dim())]
@@ -85,6 +88,7 @@ class FixedStatsBatchNorm2d(nn.BatchNorm2d):
         )
         if (
             not x.is_cuda
+            or self.weight is None  # see _channel_sums: PyTorch's kernel needs the weight's dtype
             or self.training
             or not wanted
             or self.running_var is None
