@@ -17,6 +17,7 @@ eager variants the GPU's busy time per step from the profiler (the sum of its ke
 a step's wall time is well above its kernels' time, the host's launches bound it.
 
     python tools/bench_step.py [--steps 40] [--variants eager,graph] [--json out.json]
+        [--device cpu --resolution 32 --batch 2]     (a smoke test of the script itself, eager only)
 """
 
 from __future__ import annotations
@@ -35,26 +36,29 @@ from torch.profiler import ProfilerActivity, profile
 
 from dgbench.backbones.fixed_stats_bn import use_fixed_stats_kernels
 from dgbench.components import load_components
+from dgbench.devices import synchronize
 from dgbench.graphs import GraphedStep
 
-DOMAINS, BATCH, RESOLUTION = 3, 32, 224
+DOMAINS = 3
 RESNET50 = {"arch": "timm", "name": "resnet50", "pretrained": False, "bn": "frozen"}
 VARIANTS = ("eager_nchw", "eager_native_bn", "eager", "graph", "compile", "compile+graph")
 
 
-def build_step(variant: str, device: torch.device) -> tuple[Callable[[], Any], float]:
+def build_step(
+    variant: str, device: torch.device, batch: int, resolution: int
+) -> tuple[Callable[[], Any], float]:
     """A function running one training step of `variant`, and the seconds its set-up took."""
     memory_format = torch.contiguous_format if variant == "eager_nchw" else torch.channels_last
-    algorithm = bench_algorithms.build("erm", RESNET50, DOMAINS, BATCH, device)
+    algorithm = bench_algorithms.build("erm", RESNET50, DOMAINS, batch, device)
     algorithm = algorithm.to(memory_format=memory_format)
     use_fixed_stats_kernels(algorithm, on=variant != "eager_native_bn")
-    batches = bench_algorithms.random_batches(DOMAINS, BATCH, RESOLUTION, device, memory_format)
+    batches = bench_algorithms.random_batches(DOMAINS, batch, resolution, device, memory_format)
     start = time.perf_counter()
     if variant.startswith("compile"):
         algorithm.featurizer.compile()
     if variant.endswith("graph"):
         graphed = GraphedStep(algorithm, batches, torch.bfloat16)
-        torch.cuda.synchronize()
+        synchronize(device)
         return (lambda: graphed(batches)), time.perf_counter() - start
 
     def eager() -> Any:
@@ -63,18 +67,18 @@ def build_step(variant: str, device: torch.device) -> tuple[Callable[[], Any], f
 
     for _ in range(3):  # cudnn autotuning, the optimizer's state, a compilation
         eager()
-    torch.cuda.synchronize()
+    synchronize(device)
     return eager, time.perf_counter() - start
 
 
-def ms_per_step(step: Callable[[], Any], steps: int) -> float:
+def ms_per_step(step: Callable[[], Any], steps: int, device: torch.device) -> float:
     """Wall milliseconds per step over `steps` steps queued back to back, synchronized at the ends."""
     step()
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) * 1e3 / steps
 
 
@@ -107,31 +111,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", default="")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke test of the script itself")
+    parser.add_argument("--batch", type=int, default=32, help="images per domain")
+    parser.add_argument("--resolution", type=int, default=224)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_step needs a CUDA device")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_step needs a CUDA device (or --device cpu for a smoke test)")
     load_components()
     torch.backends.cudnn.benchmark = True  # the trainer's setting unless trainer.deterministic
-    device = torch.device("cuda")
+    on_cuda = device.type == "cuda"
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if on_cuda else "cpu",
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "settings": {"domains": DOMAINS, "batch": BATCH, "resolution": RESOLUTION, "steps": args.steps},
+        "settings": {"domains": DOMAINS, **{k: vars(args)[k] for k in ("batch", "resolution", "steps")}},
         "variants": {},
     }
     for variant in args.variants.split(","):
         try:
-            step, set_up = build_step(variant, device)
-            row: dict[str, Any] = {"ms_per_step": round(ms_per_step(step, args.steps), 2)}
+            step, set_up = build_step(variant, device, args.batch, args.resolution)
+            row: dict[str, Any] = {"ms_per_step": round(ms_per_step(step, args.steps, device), 2)}
             row["set_up_s"] = round(set_up, 1)
-            if variant.startswith("eager"):
+            if variant.startswith("eager") and on_cuda:
                 row.update(gpu_busy(step))
         except Exception as error:  # report every variant
             row = {"error": f"{type(error).__name__}: {error}"[:2000]}
         report["variants"][variant] = row
         print(variant, json.dumps(row), flush=True)
-        torch.cuda.empty_cache()
+        if on_cuda:
+            torch.cuda.empty_cache()
     base = report["variants"].get("eager", {}).get("ms_per_step")
     for row in report["variants"].values():
         if base and "ms_per_step" in row:
