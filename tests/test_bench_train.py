@@ -67,6 +67,55 @@ def test_fast_overrides_reach_the_fast_run_only(tmp_path: Path, monkeypatch: pyt
     assert bench_train.json.loads((tmp_path / "r.json").read_text())["settings"]["fast_override"] == overrides
 
 
+def test_reference_is_reused_from_an_earlier_result_of_the_same_machine_and_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dgbench.errors import DGBenchError
+
+    runs: list[str] = []
+
+    def fake_run(args, extra, output_dir, name):
+        runs.append(name)
+        speed = {"reference": 1.0, "fast": 4.0}.get(name, 1.0) * (1 + len(runs))  # differs per run
+        return {"steps_per_s": speed, "eval_seconds": 1.0, "wall_s": 9.0, "rss_mb": 1.0} | {
+            "outside_loop_s": 1.0,
+            "first_step_s": 1.0,
+            "first_eval_s": 1.0,
+        }
+
+    monkeypatch.setattr(bench_train, "run", fake_run)
+    monkeypatch.setattr(bench_train, "machine_info", lambda args: {"cores": 2, "load_average": [0.5]})
+    base = ["bench_train.py", "--root", str(tmp_path), "--dataset", "embedded", "--steps", "10"]
+    monkeypatch.setattr(sys, "argv", [*base, "--json", str(tmp_path / "first.json")])
+    bench_train.main()
+    first = bench_train.json.loads((tmp_path / "first.json").read_text())
+    assert runs == ["cache", "reference", "fast"]
+
+    runs.clear()
+    monkeypatch.setattr(bench_train, "machine_info", lambda args: {"cores": 2, "load_average": [1.5]})
+    again = [*base, "--fast-override", "trainer.amp=false", "--reference", str(tmp_path / "first.json")]
+    monkeypatch.setattr(sys, "argv", [*again, "--json", str(tmp_path / "second.json")])
+    bench_train.main()
+    second = bench_train.json.loads((tmp_path / "second.json").read_text())
+    assert runs == ["cache", "fast"]  # the reference is not run again
+    assert second["reference"] == first["reference"]
+    assert second["fast"]["steps_per_s"] != first["fast"]["steps_per_s"]
+    assert second["ratios"]["train_steps_per_s"] == pytest.approx(
+        second["fast"]["steps_per_s"] / first["reference"]["steps_per_s"], abs=0.01
+    )
+
+    monkeypatch.setattr(sys, "argv", [*base, "--steps", "20", "--reference", str(tmp_path / "first.json")])
+    with pytest.raises(DGBenchError, match=r"first.json: its settings.steps is 10, this run's 20"):
+        bench_train.main()
+    monkeypatch.setattr(bench_train, "machine_info", lambda args: {"cores": 16, "load_average": [0.5]})
+    monkeypatch.setattr(sys, "argv", [*base, "--reference", str(tmp_path / "first.json")])
+    with pytest.raises(DGBenchError, match=r"its machine.cores is 2, this run's 16"):
+        bench_train.main()
+    monkeypatch.setattr(sys, "argv", [*base, "--reference", str(tmp_path / "missing.json")])
+    with pytest.raises(DGBenchError, match=r"--reference .*missing.json: not a bench_train result"):
+        bench_train.main()
+
+
 def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

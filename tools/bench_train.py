@@ -26,10 +26,13 @@ The fast path's decoded-image cache is built by a first untimed run.
 
     python tools/bench_train.py --root ../shared/datasets [--dataset pacs] [--backbone resnet50]
         [--steps 60] [--eval-every 30] [--batch 32] [--device cpu|cuda] [--json out.json]
-        [--fast-override KEY=VALUE ...] [OVERRIDE ...]
+        [--fast-override KEY=VALUE ...] [--reference EARLIER.json] [OVERRIDE ...]
 
 Trailing `key=value` arguments are passed to both runs (e.g. `data.resolution=64` for a quick look);
 `--fast-override` (repeatable) to the fast run only, e.g. `--fast-override trainer.compile=true`.
+`--reference EARLIER.json` takes the reference side from an earlier result of this tool with the
+same machine and settings instead of running it again: several fast variants compared to one
+reference in a lent GPU's few minutes (`tools/gpu_checks.sh`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from bench_data_pipeline import (  # tools/ is on sys.path when run as a script
 
 from dgbench.components import load_components
 from dgbench.config import Protocol
+from dgbench.errors import DGBenchError
 from dgbench.registry import DATASETS
 
 PATHS = {
@@ -202,6 +206,27 @@ def add_protocol_seconds(result: dict[str, Any], dataset: str, root: str, paths:
         summary["protocol_wall_s"] = protocol_wall_seconds(summary)
 
 
+def earlier_reference(path: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The reference side of the bench_train result at `path`, which must come from the same kind of
+    machine (all of `machine` but its load) and the same settings (all but the fast side's)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        reference, machine, settings = earlier["reference"], earlier["machine"], earlier["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DGBenchError(f"--reference {path}: not a bench_train result ({error})") from None
+    own = {"load_average"}, {"json", "fast_override", "reference"}
+    for part, then, ignored in (("machine", machine, own[0]), ("settings", settings, own[1])):
+        now = result[part]
+        for key in sorted((set(now) | set(then)) - ignored):
+            if now.get(key) != then.get(key):
+                raise DGBenchError(
+                    f"--reference {path}: its {part}.{key} is {then.get(key)!r}, "
+                    f"this run's {now.get(key)!r}; a reference is reused only on the same machine "
+                    "with the same settings"
+                )
+    return reference
+
+
 def report(result: dict[str, Any], json_path: str) -> None:
     print(json.dumps(result, indent=1))
     if json_path:
@@ -226,15 +251,23 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="an override for the fast run only (repeatable), e.g. trainer.compile=true",
     )
+    parser.add_argument(
+        "--reference",
+        metavar="EARLIER.json",
+        help="reuse the reference side of an earlier result (same machine and settings), not run it again",
+    )
     parser.add_argument("extra", nargs="*", help="more training overrides for both runs")
     args = parser.parse_args()
 
     result: dict[str, Any] = {"machine": machine_info(args), "settings": vars(args)}
+    if args.reference:
+        result["reference"] = earlier_reference(args.reference, result)
     with tempfile.TemporaryDirectory() as out:
         run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
         fast = [*(FAST_ON_CUDA if args.device == "cuda" else []), *args.fast_override]
         for path, extra in PATHS.items():
-            result[path] = run(args, [*extra, *(fast if path == "fast" else [])], out, path)
+            if path not in result:
+                result[path] = run(args, [*extra, *(fast if path == "fast" else [])], out, path)
     add_protocol_seconds(result, args.dataset, args.root, ["reference", "fast"])
     result["ratios"] = ratios(result["reference"], result["fast"])
     report(result, args.json)

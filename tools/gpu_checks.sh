@@ -4,17 +4,18 @@
 #   1. the CUDA-only tests, first because they are quick and say whether the rest means anything
 #      (CUDA augmentation against CPU; no host sync between checkpoints; a replayed CUDA graph
 #      follows the eager steps; the frozen-BatchNorm backward on CUDA),
-#   2. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32: the target;
-#      the fast side compiled and CUDA-graphed, its cold compilation counted in protocol_wall_s),
-#   3. the same with the fast side's model eager (trainer.compile=false; still CUDA-graphed):
-#      no compilation, no compile workers,
-#   4. the same as 2 with 4 inductor compile workers instead of one per core (what they cost in
-#      peak host memory, against what they save in compilation time),
-#   5. tools/bench_step.py (one step: eager NCHW / channels_last with PyTorch's or dgbench's
+#   2. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32: the target)
+#      with the fast side's model eager (trainer.compile=false), each step replayed as a CUDA
+#      graph: no compilation, no compile workers,
+#   3. the same with the model compiled (cold) by 4 inductor compile workers instead of one per
+#      core: what they cost in peak host memory against what they save in compilation time,
+#   4. tools/bench_step.py (one step: eager NCHW / channels_last with PyTorch's or dgbench's
 #      frozen-BatchNorm backward, CUDA graph, compile, both),
-#   6. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
+#   5. as 3 with 8 compile workers, 6. as 3 with one per core (the fast side's default on CUDA),
+#   7. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
 #      ResNet-50 fp32 vs bf16),
-#   7. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
+#   8. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
+# Steps 3, 5 and 6 reuse step 2's reference run (`bench_train.py --reference`) when it exists.
 # Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
 # step is reported and the next one still runs. The exit status is the number of failed steps.
 #
@@ -49,15 +50,24 @@ step tests python3 -m pytest -q -rs -p no:cacheprovider \
     "tests/test_train.py::test_fast_path_steps_between_checkpoints_never_wait_for_the_gpu" \
     "tests/data/test_batch_augment.py::test_cuda_matches_cpu" tests/test_graphs.py \
     tests/backbones/test_fixed_stats_bn.py
-step bench_train python3 tools/bench_train.py --root "$root" --device cuda --json "$out/bench_train.json"
-tail -n 25 "$out/bench_train.log"
-step bench_train_eager_model python3 tools/bench_train.py --root "$root" --device cuda \
-    --fast-override trainer.compile=false --json "$out/bench_train_eager_model.json"
-tail -n 12 "$out/bench_train_eager_model.log"
-step bench_train_4_compile_workers env TORCHINDUCTOR_COMPILE_THREADS=4 python3 tools/bench_train.py \
-    --root "$root" --device cuda --json "$out/bench_train_4_compile_workers.json"
-tail -n 12 "$out/bench_train_4_compile_workers.log"
+bench_train() {  # bench_train NAME [ENV=VALUE ...] -- [bench_train.py ARGS ...]; shows its figures
+    local name=$1 reference=()
+    shift
+    local env=()
+    while [ "$1" != "--" ]; do env+=("$1"); shift; done
+    shift
+    if [ -f "$out/bench_train_eager_model.json" ]; then
+        reference=(--reference "$out/bench_train_eager_model.json")
+    fi
+    step "$name" env "${env[@]}" python3 tools/bench_train.py --root "$root" --device cuda \
+        "${reference[@]}" --json "$out/$name.json" "$@"
+    tail -n 25 "$out/$name.log"
+}
+bench_train bench_train_eager_model -- --fast-override trainer.compile=false
+bench_train bench_train_4_compile_workers TORCHINDUCTOR_COMPILE_THREADS=4 --
 step bench_step python3 tools/bench_step.py --json "$out/bench_step.json"
+bench_train bench_train_8_compile_workers TORCHINDUCTOR_COMPILE_THREADS=8 --
+bench_train bench_train --
 step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
     --json "$out/bench_data_pipeline.json"
