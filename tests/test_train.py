@@ -90,10 +90,34 @@ def test_evaluation_is_never_compiled():
     counters.clear()
     batch = (torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2]), 0)
     sources = {("a", "out"): lambda: [batch]}
-    acc, _, _ = _evaluate(algorithm, sources, torch.device("cpu"), torch.preserve_format, nullcontext())
+    acc, _, _ = _evaluate(algorithm, sources, torch.device("cpu"), torch.preserve_format, nullcontext(), 6)
     assert 0 <= acc["a"]["out"] <= 1
     assert not counters["frames"]
     assert algorithm.training  # evaluation put train mode back
+
+
+@pytest.mark.parametrize("autotuning", [True, False])
+def test_evaluation_autotunes_full_batches_only(autotuning: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each split's last, smaller batch would be one more shape for cudnn to autotune."""
+    algorithm = ERM(Featurizer(nn.Linear(5, 4), 4), 3, 2, ERMHParams())
+    seen: list[tuple[int, bool]] = []
+    predict = algorithm.predict
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        seen.append((len(x), torch.backends.cudnn.benchmark))
+        return predict(x)
+
+    monkeypatch.setattr(algorithm, "predict", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", autotuning)
+
+    def batches(*sizes: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        return [(torch.randn(n, 5), torch.arange(n) % 3, 0) for n in sizes]
+
+    sources = {("a", "in"): lambda: batches(4, 4, 3), ("a", "out"): lambda: batches(2)}
+    acc, _, _ = _evaluate(algorithm, sources, torch.device("cpu"), torch.preserve_format, nullcontext(), 4)
+    assert seen == [(4, autotuning), (4, autotuning), (3, False), (2, False)]
+    assert torch.backends.cudnn.benchmark is autotuning  # put back
+    assert set(acc["a"]) == {"in", "out"}
 
 
 def test_cuda_graph_is_not_part_of_the_run_and_changes_nothing_off_cuda(make_cfg):
