@@ -22,7 +22,8 @@ anonymous RSS, PSS) and peak GPU memory (`mem_gb`), and `protocol_s`: the second
 of the dataset's protocol (PACS: 5001 steps, 18 evaluations) at the measured rates, start-up left
 out, and `protocol_wall_s`, the same run with this run's start-up in it (set-up, and the first step
 and evaluation at their measured cost: cudnn autotuning, a `trainer.compile`); then the ratios.
-The fast path's decoded-image cache is built by a first untimed run.
+The fast path's decoded-image cache is built by a first untimed run (with `--reference`, the
+earlier result's run built it: same machine and settings).
 
     python tools/bench_train.py --root ../shared/datasets [--dataset pacs] [--backbone resnet50]
         [--steps 60] [--eval-every 30] [--batch 32] [--device cpu|cuda] [--json out.json]
@@ -263,7 +264,8 @@ def main() -> None:
     if args.reference:
         result["reference"] = earlier_reference(args.reference, result)
     with tempfile.TemporaryDirectory() as out:
-        run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # builds the decoded-image cache
+        if "reference" not in result:  # else the earlier result's first run built it
+            run(args, [*PATHS["fast"], "trainer.steps=1"], out, "cache")  # the decoded-image cache
         fast = [*(FAST_ON_CUDA if args.device == "cuda" else []), *args.fast_override]
         for path, extra in PATHS.items():
             if path not in result:
