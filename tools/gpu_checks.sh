@@ -9,13 +9,14 @@
 #      graph: no compilation, no compile workers,
 #   3. the same with the model compiled (cold) by 4 inductor compile workers instead of one per
 #      core: what they cost in peak host memory against what they save in compilation time,
-#   4. tools/bench_step.py (one step: eager NCHW / channels_last with PyTorch's or dgbench's
+#   4. the same with 8 compile workers,
+#   5. tools/bench_step.py (one step: eager NCHW / channels_last with PyTorch's or dgbench's
 #      frozen-BatchNorm backward, CUDA graph, compile, both),
-#   5. as 3 with 8 compile workers, 6. as 3 with one per core (the fast side's default on CUDA),
+#   6. as 3 with one compile worker per core (the fast side's default on CUDA),
 #   7. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
 #      ResNet-50 fp32 vs bf16),
 #   8. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
-# Steps 3, 5 and 6 reuse step 2's reference run (`bench_train.py --reference`) when it exists.
+# Steps 3, 4 and 6 reuse step 2's reference run (`bench_train.py --reference`) when it exists.
 # Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
 # step is reported and the next one still runs. The exit status is the number of failed steps.
 #
@@ -65,8 +66,8 @@ bench_train() {  # bench_train NAME [ENV=VALUE ...] -- [bench_train.py ARGS ...]
 }
 bench_train bench_train_eager_model -- --fast-override trainer.compile=false
 bench_train bench_train_4_compile_workers TORCHINDUCTOR_COMPILE_THREADS=4 --
-step bench_step python3 tools/bench_step.py --json "$out/bench_step.json"
 bench_train bench_train_8_compile_workers TORCHINDUCTOR_COMPILE_THREADS=8 --
+step bench_step python3 tools/bench_step.py --json "$out/bench_step.json"
 bench_train bench_train --
 step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
