@@ -37,7 +37,7 @@ RECORD_KEYS = (
 
 
 TIMING_KEYS = ("step_time", "mem_gb")  # wall-clock measurements: differ between identical runs
-TIMING_METRICS = ("eval_time",)
+TIMING_METRICS = ("eval_time", "checkpoint_time")
 
 
 def without_timing(record: dict[str, Any]) -> dict[str, Any]:

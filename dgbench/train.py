@@ -258,6 +258,7 @@ def _train(
     meter = StepMeter()
     step_seconds = 0.0
     skipped_images = 0  # unreadable images dropped since the last record (data.skip_corrupt)
+    checkpoint_seconds: float | None = None  # the last checkpoint's write, told by the next record
     bar = tqdm(
         total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
     )
@@ -294,6 +295,8 @@ def _train(
                 acc, val_loss, eval_skipped = evaluate(algorithm)
                 means["eval_time"] = time.perf_counter() - eval_start  # seconds, what trainer.evaluate saves
                 means["val_loss"] = val_loss
+                if checkpoint_seconds is not None:  # seconds: the checkpoint after the previous record
+                    means["checkpoint_time"] = checkpoint_seconds
                 if skip:
                     means["skipped_images"] = skipped_images + eval_skipped
                 record = {
@@ -314,7 +317,9 @@ def _train(
                 for label, average in averaging.at_checkpoints().items():
                     with swapped_in(algorithm, average):
                         append_record(averaged, averaged_record(record, label, *evaluate(algorithm)[:2]))
+                tick = time.perf_counter()
                 save_checkpoint(checkpoint, algorithm, step, extras)
+                checkpoint_seconds = time.perf_counter() - tick
                 meter.clear()
                 step_seconds = 0.0
                 skipped_images = 0

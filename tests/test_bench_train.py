@@ -16,38 +16,50 @@ import bench_train
 @pytest.mark.parametrize(("steps", "freq"), [(5001, 300), (5000, 300), (11, 5), (10, 5), (1, 1), (7, 100)])
 def test_protocol_seconds_counts_the_evaluations_the_trainer_makes(steps: int, freq: int) -> None:
     evaluations = sum(1 for step in range(steps) if step % freq == 0 or step == steps - 1)  # dgbench/train.py
-    projected = bench_train.protocol_seconds({"steps_per_s": 4.0, "eval_seconds": 3.0}, steps, freq)
-    assert projected == pytest.approx(steps / 4.0 + 3.0 * evaluations, abs=0.06)  # rounded to 0.1 s
+    summary = {"steps_per_s": 4.0, "eval_seconds": 3.0, "checkpoint_seconds": 0.5}
+    projected = bench_train.protocol_seconds(summary, steps, freq)
+    assert projected == pytest.approx(steps / 4.0 + 3.5 * evaluations, abs=0.06)  # rounded to 0.1 s
 
 
 def test_protocol_run_asks_the_dataset_and_ratios_compare_it(tmp_path: Path) -> None:
     assert bench_train.protocol_run("embedded", str(tmp_path)) == {"steps": 1000, "checkpoint_freq": 100}
     no_start_up = {"outside_loop_s": 0.0, "first_step_s": 1.0, "first_eval_s": 30.0}  # = the steady rates
+    written = {"checkpoint_seconds": 2.0}  # after each of the 11 evaluations, on either path
     result = {
         "protocol": {},
-        "slow": {"steps_per_s": 1.0, "eval_seconds": 30.0, "wall_s": 10.0, "rss_mb": 100.0, **no_start_up},
+        "slow": {"steps_per_s": 1.0, "eval_seconds": 30.0, "wall_s": 10.0, "rss_mb": 100.0}
+        | no_start_up
+        | written,
         "quick": {  # a compile: 100 s of set-up and a first step of 200 s, then twice the speed
             "steps_per_s": 2.0,
             "eval_seconds": 3.0,
             "wall_s": 5.0,
             "rss_mb": 50.0,
             **{"outside_loop_s": 100.0, "first_step_s": 200.0, "first_eval_s": 3.0},
+            **written,
         },
     }
     bench_train.add_protocol_seconds(result, "embedded", str(tmp_path), ["slow", "quick"])
-    assert result["slow"]["protocol_s"] == pytest.approx(1000 + 11 * 30.0)
+    slow = 1000 + 11 * (30.0 + 2.0)
+    assert result["slow"]["protocol_s"] == pytest.approx(slow)
     assert result["slow"]["protocol_wall_s"] == result["slow"]["protocol_s"]
-    quick = 1000 / 2 + 11 * 3.0
+    quick = 1000 / 2 + 11 * (3.0 + 2.0)
     assert result["quick"]["protocol_wall_s"] == pytest.approx(quick + 100 + (200 - 0.5), abs=0.06)
     ratios = bench_train.ratios(result["slow"], result["quick"])
-    assert ratios["protocol_run"] == pytest.approx((1000 + 11 * 30.0) / quick, abs=0.01)
-    assert ratios["protocol_run_with_start_up"] == pytest.approx(1330 / (quick + 299.5), abs=0.01)
+    assert ratios["protocol_run"] == pytest.approx(slow / quick, abs=0.01)
+    assert ratios["protocol_run_with_start_up"] == pytest.approx(slow / (quick + 299.5), abs=0.01)
     assert ratios["wall"] == 2.0 and ratios["host_rss"] == 0.5
 
 
 def test_fast_overrides_reach_the_fast_run_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: dict[str, list[str]] = {}
-    summary = {"steps_per_s": 1.0, "eval_seconds": 1.0, "wall_s": 9.0, "rss_mb": 1.0}
+    summary = {
+        "steps_per_s": 1.0,
+        "eval_seconds": 1.0,
+        "checkpoint_seconds": 0.1,
+        "wall_s": 9.0,
+        "rss_mb": 1.0,
+    }
     summary |= {"outside_loop_s": 1.0, "first_step_s": 1.0, "first_eval_s": 1.0}
 
     def fake_run(args, extra, output_dir, name):
@@ -77,7 +89,8 @@ def test_reference_is_reused_from_an_earlier_result_of_the_same_machine_and_sett
     def fake_run(args, extra, output_dir, name):
         runs.append(name)
         speed = {"reference": 1.0, "fast": 4.0}.get(name, 1.0) * (1 + len(runs))  # differs per run
-        return {"steps_per_s": speed, "eval_seconds": 1.0, "wall_s": 9.0, "rss_mb": 1.0} | {
+        return {"steps_per_s": speed, "eval_seconds": 1.0, "checkpoint_seconds": 0.1, "wall_s": 9.0} | {
+            "rss_mb": 1.0,
             "outside_loop_s": 1.0,
             "first_step_s": 1.0,
             "first_eval_s": 1.0,
@@ -112,8 +125,46 @@ def test_reference_is_reused_from_an_earlier_result_of_the_same_machine_and_sett
     with pytest.raises(DGBenchError, match=r"its machine.cores is 2, this run's 16"):
         bench_train.main()
     monkeypatch.setattr(sys, "argv", [*base, "--reference", str(tmp_path / "missing.json")])
-    with pytest.raises(DGBenchError, match=r"--reference .*missing.json: not a bench_train result"):
+    with pytest.raises(
+        DGBenchError, match=r"--reference .*missing.json: not a bench_train result \(FileNotFound"
+    ):
         bench_train.main()
+    del first["reference"]["checkpoint_seconds"]  # a result from before checkpoints were measured
+    (tmp_path / "old.json").write_text(bench_train.json.dumps(first))
+    monkeypatch.setattr(sys, "argv", [*base, "--reference", str(tmp_path / "old.json")])
+    with pytest.raises(
+        DGBenchError, match=r"old.json: made by an older bench_train .* leave out --reference"
+    ):
+        bench_train.main()
+
+
+def test_a_run_is_summarised_from_its_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps and evaluations from the records, the first left out of the rates; each record after
+    the first tells the previous checkpoint's seconds, and a checkpoint follows every record."""
+    records = [
+        {"step": 0, "step_time": 5.0, "metrics": {"eval_time": 4.0}},
+        {"step": 10, "step_time": 0.5, "metrics": {"eval_time": 1.0, "checkpoint_time": 0.2}},
+        {"step": 19, "step_time": 0.25, "metrics": {"eval_time": 2.0, "checkpoint_time": 0.4}},
+    ]
+    looped = 5.0 + 4.0 + 10 * 0.5 + 1.0 + 9 * 0.25 + 2.0 + 3 * 0.3
+
+    def fake_measured(command, env):
+        output_dir = next(a for a in command if a.startswith("output_dir=")).removeprefix("output_dir=")
+        results = Path(output_dir, "fast", "run", "results.jsonl")
+        results.parent.mkdir(parents=True)
+        lines = [{**r, "acc": {"a": {}, "b": {}}, "test_envs": [1], "mem_gb": 1.0} for r in records]
+        results.write_text("\n".join(bench_train.json.dumps(r) for r in lines) + "\n")
+        return looped + 7.0, {"rss_mb": 1.0}
+
+    monkeypatch.setattr(bench_train, "run_measured", fake_measured)
+    args = bench_train.argparse.Namespace(batch=8, device="cpu")
+    monkeypatch.setattr(bench_train, "overrides", lambda args, output_dir, name: [f"output_dir={output_dir}"])
+    summary = bench_train.run(args, [], str(tmp_path), "fast")
+    assert summary["steps_per_s"] == pytest.approx(1 / 0.375, abs=0.001)
+    assert summary["images_per_s"] == pytest.approx(8 / 0.375, abs=0.1)  # one training domain
+    assert summary["eval_seconds"] == 1.5 and summary["checkpoint_seconds"] == 0.3
+    assert summary["first_step_s"] == 5.0 and summary["first_eval_s"] == 4.0
+    assert summary["outside_loop_s"] == pytest.approx(7.0, abs=0.06)
 
 
 def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
@@ -156,8 +207,8 @@ def test_start_up_is_the_wall_time_outside_the_records_steps_and_evaluations() -
         {"step": 5, "step_time": 0.5, "metrics": {"eval_time": 1.0}},
         {"step": 9, "step_time": 0.25, "metrics": {"eval_time": 1.0}},
     ]
-    looped = 4.0 + 3.0 + 5 * 0.5 + 1.0 + 4 * 0.25 + 1.0
-    assert bench_train.start_up(records, wall=looped + 20.0) == {
+    looped = 4.0 + 3.0 + 5 * 0.5 + 1.0 + 4 * 0.25 + 1.0 + 3 * 0.3  # a 0.3 s checkpoint after each
+    assert bench_train.start_up(records, wall=looped + 20.0, checkpoint_time=0.3) == {
         "first_step_s": 4.0,
         "first_eval_s": 3.0,
         "outside_loop_s": 20.0,

@@ -43,6 +43,9 @@ def test_run_writes_records_for_every_domain_and_a_done_marker(make_cfg):
     assert final["hparams"]["batch_size"] == 8
     assert final["hparams"]["lr"] == 1e-3  # conf/dataset_hparams/embedded.yaml
     assert final["loss"] > 0 and final["step_time"] > 0 and final["mem_gb"] > 0
+    # each record after the first tells how long the checkpoint written after the one before took
+    assert "checkpoint_time" not in records[0]["metrics"]
+    assert all(r["metrics"]["checkpoint_time"] > 0 for r in records[1:])
     n = cfg.dataset.images_per_domain
     assert final["epoch"] == pytest.approx(6 * 8 / (n - int(n * 0.2)))  # step * batch / smallest `in`
     assert (result.run_dir / DONE_FILE).exists() and (result.run_dir / "config.yaml").exists()

@@ -17,11 +17,13 @@ process (so each peak host memory, summed over the process and its loader worker
 
 Reported per path: training steps/s (from the records' `step_time`, data loading included, first
 record left out: it holds step 0 and the warm-up), evaluation seconds per evaluation (`eval_time`)
-and evaluated images/s, wall time and what of it is start-up (`start_up`), peak host memory (RSS,
-anonymous RSS, PSS) and peak GPU memory (`mem_gb`), and `protocol_s`: the seconds of a whole run
-of the dataset's protocol (PACS: 5001 steps, 18 evaluations) at the measured rates, start-up left
-out, and `protocol_wall_s`, the same run with this run's start-up in it (set-up, and the first step
-and evaluation at their measured cost: cudnn autotuning, a `trainer.compile`); then the ratios.
+and evaluated images/s, seconds per checkpoint (`checkpoint_time`: the model and optimizer state
+written after each evaluation), wall time and what of it is start-up (`start_up`), peak host
+memory (RSS, anonymous RSS, PSS) and peak GPU memory (`mem_gb`), and `protocol_s`: the seconds of
+a whole run of the dataset's protocol (PACS: 5001 steps, 18 evaluations and checkpoints) at the
+measured rates, start-up left out, and `protocol_wall_s`, the same run with this run's start-up
+in it (set-up, and the first step and evaluation at their measured cost: cudnn autotuning, a
+`trainer.compile`); then the ratios.
 The fast path's decoded-image cache is built by a first untimed run (with `--reference`, the
 earlier result's run built it: same machine and settings).
 
@@ -122,30 +124,35 @@ def run(args: argparse.Namespace, extra: list[str], output_dir: str, name: str) 
     domains = len(records[0]["acc"]) - len(records[0]["test_envs"])
     step_time = sum(r["step_time"] for r in timed) / len(timed)
     eval_time = sum(r["metrics"]["eval_time"] for r in timed) / len(timed)
+    written = [r["metrics"]["checkpoint_time"] for r in records if "checkpoint_time" in r["metrics"]]
+    checkpoint_time = sum(written) / len(written) if written else 0.0
     evaluated = sum(v is not None for r in timed[:1] for splits in r["acc"].values() for v in splits.values())
     return {
         "steps_per_s": round(1 / step_time, 3),
         "images_per_s": round(domains * args.batch / step_time, 1),
         "eval_seconds": round(eval_time, 2),
+        "checkpoint_seconds": round(checkpoint_time, 2),
         "splits_evaluated": evaluated,
         "wall_s": round(wall, 1),
-        **start_up(records, wall),
+        **start_up(records, wall, checkpoint_time),
         "gpu_peak_gb": records[-1]["mem_gb"] if args.device == "cuda" else None,
         **peak,
     }
 
 
-def start_up(records: list[dict[str, Any]], wall: float) -> dict[str, float]:
-    """Where a short run's wall time goes besides its steady steps and evaluations.
+def start_up(records: list[dict[str, Any]], wall: float, checkpoint_time: float) -> dict[str, float]:
+    """Where a short run's wall time goes besides its steady steps, evaluations and checkpoints.
 
     `first_step_s` is step 0 (the first record holds it alone: on CUDA, cudnn's autotuning of the
     training shapes), `first_eval_s` the first evaluation (autotuning of each new evaluation
     shape), `outside_loop_s` the rest: before step 0 (interpreter, imports, data set-up, model,
-    device copies), the checkpoints, and the end of the run.
+    device copies) and the end of the run. A checkpoint follows every record, each taking
+    `checkpoint_time` seconds.
     """
     looped, previous = 0.0, -1
     for record in records:
         looped += record["step_time"] * (record["step"] - previous) + record["metrics"]["eval_time"]
+        looped += checkpoint_time
         previous = record["step"]
     first = records[0]
     return {
@@ -166,12 +173,14 @@ def protocol_seconds(summary: dict[str, Any], steps: int, checkpoint_freq: int) 
     """Seconds of a whole protocol run at the measured rates, start-up left out.
 
     A benchmark run of tens of steps is mostly start-up (imports, CUDA, loader workers); a
-    protocol run (PACS: 5001 steps, an evaluation every 300 and after the last) is steps and
-    evaluations, so this is the figure a sweep's cost follows. Evaluations are counted as the
-    trainer makes them: at every multiple of `checkpoint_freq` and at the last step.
+    protocol run (PACS: 5001 steps, an evaluation every 300 and after the last) is steps,
+    evaluations and the checkpoint written after each, so this is the figure a sweep's cost
+    follows. Evaluations are counted as the trainer makes them: at every multiple of
+    `checkpoint_freq` and at the last step.
     """
     evaluations = len(range(0, steps, checkpoint_freq)) + ((steps - 1) % checkpoint_freq != 0)
-    return round(steps / summary["steps_per_s"] + evaluations * summary["eval_seconds"], 1)
+    per_evaluation = summary["eval_seconds"] + summary["checkpoint_seconds"]
+    return round(steps / summary["steps_per_s"] + evaluations * per_evaluation, 1)
 
 
 def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -214,7 +223,12 @@ def earlier_reference(path: str, result: dict[str, Any]) -> dict[str, Any]:
         earlier = json.loads(Path(path).read_text())
         reference, machine, settings = earlier["reference"], earlier["machine"], earlier["settings"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DGBenchError(f"--reference {path}: not a bench_train result ({error})") from None
+        raise DGBenchError(f"--reference {path}: not a bench_train result ({error!r})") from None
+    if "checkpoint_seconds" not in reference:  # measured since checkpoints count per evaluation
+        raise DGBenchError(
+            f"--reference {path}: made by an older bench_train (no checkpoint_seconds); "
+            "run the reference again: leave out --reference"
+        )
     own = {"load_average"}, {"json", "fast_override", "reference"}
     for part, then, ignored in (("machine", machine, own[0]), ("settings", settings, own[1])):
         now = result[part]
