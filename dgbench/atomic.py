@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -52,3 +53,35 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+class BackgroundWrites:
+    """`atomic_write_bytes` in a thread, one file at a time, so a training loop does not wait for
+    the disk: a ResNet-50 checkpoint with its Adam state is 283 MB, 0.2-0.8 s of write and fsync
+    on the 2-core VM, besides its 0.25 s of serialisation, which stays with the caller. A failed
+    write raises at the next `write` or `wait`. Call `wait` before reading what was written or
+    ending: the thread is not a daemon, so the interpreter also waits for it when it exits.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def write(self, path: str | os.PathLike[str], data: bytes) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(path, data), name="dgbench-writes")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, path: str | os.PathLike[str], data: bytes) -> None:
+        try:
+            atomic_write_bytes(path, data)
+        except BaseException as error:  # handed to the caller's thread
+            self._error = error

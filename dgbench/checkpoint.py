@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import io
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,10 +49,18 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
-def save_checkpoint(path: Path, algorithm: Algorithm, step: int, extras: Mapping[str, Stateful] = {}) -> None:
+def save_checkpoint(
+    path: Path,
+    algorithm: Algorithm,
+    step: int,
+    extras: Mapping[str, Stateful] = {},
+    write: Callable[[Path, bytes], None] = atomic_write_bytes,
+) -> None:
     """Write the state after `step` atomically (temp file + rename).
 
-    `extras` are more objects the loop keeps across steps (weight averages), by name.
+    `extras` are more objects the loop keeps across steps (weight averages), by name. The state
+    is serialised before this returns; `write` puts the bytes on disk (the trainer's writes in the
+    background: `dgbench.atomic.BackgroundWrites`).
     """
     payload = {
         "step": step,
@@ -63,7 +71,7 @@ def save_checkpoint(path: Path, algorithm: Algorithm, step: int, extras: Mapping
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    write(path, buffer.getvalue())
 
 
 def load_checkpoint(

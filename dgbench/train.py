@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from dgbench.algorithms.base import Algorithm
-from dgbench.atomic import atomic_write_json, atomic_write_text
+from dgbench.atomic import BackgroundWrites, atomic_write_json, atomic_write_text
 from dgbench.averaging import Averaging, LossValley, recompute_batchnorm, swapped_in
 from dgbench.backbones import build_backbone
 from dgbench.backbones.auxiliary import auxiliary_metrics
@@ -259,6 +259,7 @@ def _train(
     step_seconds = 0.0
     skipped_images = 0  # unreadable images dropped since the last record (data.skip_corrupt)
     checkpoint_seconds: float | None = None  # the last checkpoint's write, told by the next record
+    writes = BackgroundWrites()  # checkpoints reach the disk while training goes on
     bar = tqdm(
         total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
     )
@@ -317,8 +318,8 @@ def _train(
                 for label, average in averaging.at_checkpoints().items():
                     with swapped_in(algorithm, average):
                         append_record(averaged, averaged_record(record, label, *evaluate(algorithm)[:2]))
-                tick = time.perf_counter()
-                save_checkpoint(checkpoint, algorithm, step, extras)
+                tick = time.perf_counter()  # the loop's share; the disk write runs in the background
+                save_checkpoint(checkpoint, algorithm, step, extras, writes.write)
                 checkpoint_seconds = time.perf_counter() - tick
                 meter.clear()
                 step_seconds = 0.0
@@ -332,7 +333,12 @@ def _train(
             swad["metrics"].update(averaging.swad_window(), bn_layers_recomputed=layers)
             kept = [r for r in read_records(averaged) if r["algorithm"] != label]  # a resumed run's
             write_records(averaged, [*kept, swad])
+        writes.wait()
     except BaseException as error:
+        try:
+            writes.wait()  # a checkpoint being written still lands
+        except Exception as failed:
+            log.error("writing the last checkpoint failed too: %s", failed)
         sink.finish(exit_code=130 if isinstance(error, KeyboardInterrupt) else 1)
         raise
     bar.close()

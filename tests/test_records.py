@@ -5,7 +5,9 @@ import subprocess
 import sys
 import textwrap
 
-from dgbench.atomic import atomic_write_text
+import pytest
+
+from dgbench.atomic import BackgroundWrites, atomic_write_text
 from dgbench.records import RECORD_KEYS, append_record, read_records, truncate_records, without_timing
 
 
@@ -68,3 +70,41 @@ def test_atomic_write_gives_new_files_the_umask_mode_and_keeps_an_existing_files
     kept.chmod(0o640)
     atomic_write_text(kept, "new")
     assert kept.read_text() == "new" and kept.stat().st_mode & 0o777 == 0o640
+
+
+def test_background_writes_land_in_order_off_the_callers_thread(tmp_path, monkeypatch):
+    """`write` returns while the bytes are still on their way; `wait` (or the next `write`) joins."""
+    import threading
+
+    import dgbench.atomic as atomic
+
+    release, writers = threading.Event(), []
+    real_write = atomic.atomic_write_bytes
+
+    def slow_write(path, data):
+        writers.append(threading.current_thread())
+        release.wait(timeout=10)
+        real_write(path, data)
+
+    monkeypatch.setattr(atomic, "atomic_write_bytes", slow_write)
+    writes = BackgroundWrites()
+    target = tmp_path / "checkpoint.pt"
+    writes.write(target, b"first")
+    assert not target.exists()  # still in flight: the caller did not wait for the disk
+    release.set()
+    writes.write(target, b"second")  # waits for the first, then writes in the background again
+    writes.wait()
+    assert target.read_bytes() == b"second"
+    assert len(writers) == 2 and threading.current_thread() not in writers
+
+
+def test_a_failed_background_write_raises_in_the_callers_thread_once(tmp_path):
+    writes = BackgroundWrites()
+    (tmp_path / "file").write_text("")
+    writes.write(tmp_path / "file" / "checkpoint.pt", b"x")  # its folder is a file
+    with pytest.raises(OSError):
+        writes.wait()
+    writes.wait()  # reported once; the writer is usable again
+    writes.write(tmp_path / "checkpoint.pt", b"y")
+    writes.wait()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"y"

@@ -232,6 +232,26 @@ def test_diverging_run_is_marked_failed(make_cfg):
     assert not (run_dir / DONE_FILE).exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_fails_the_run(make_cfg, monkeypatch):
+    """Checkpoints reach the disk in the background; a failed write still stops the run, named."""
+    import dgbench.atomic as atomic
+
+    real_write = atomic.atomic_write_bytes
+
+    def disk_full_for_checkpoints(path, data):
+        if Path(path).name == CHECKPOINT_FILE:
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(atomic, "atomic_write_bytes", disk_full_for_checkpoints)
+    cfg = make_cfg(*FAST)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg, FAST)
+    (run_dir,) = (Path(cfg.output_dir) / "default").iterdir()
+    assert "No space left on device" in (run_dir / STATUS_FILE).read_text()
+    assert [r["step"] for r in read_records(run_dir / "results.jsonl")] == [0, 3]  # found at the 2nd
+
+
 def _counting_update(monkeypatch, metrics_at):
     """ERM whose step-th update (from 0) also returns `metrics_at(step)`, merged over its own."""
     steps = iter(range(10**6))

@@ -17,8 +17,8 @@ process (so each peak host memory, summed over the process and its loader worker
 
 Reported per path: training steps/s (from the records' `step_time`, data loading included, first
 record left out: it holds step 0 and the warm-up), evaluation seconds per evaluation (`eval_time`)
-and evaluated images/s, seconds per checkpoint (`checkpoint_time`: the model and optimizer state
-written after each evaluation), wall time and what of it is start-up (`start_up`), peak host
+and evaluated images/s, seconds per checkpoint (`checkpoint_time`: what the loop waits for the
+state saved after each evaluation), wall time and what of it is start-up (`start_up`), peak host
 memory (RSS, anonymous RSS, PSS) and peak GPU memory (`mem_gb`), and `protocol_s`: the seconds of
 a whole run of the dataset's protocol (PACS: 5001 steps, 18 evaluations and checkpoints) at the
 measured rates, start-up left out, and `protocol_wall_s`, the same run with this run's start-up
