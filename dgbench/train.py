@@ -258,7 +258,7 @@ def _train(
     meter = StepMeter()
     step_seconds = 0.0
     skipped_images = 0  # unreadable images dropped since the last record (data.skip_corrupt)
-    checkpoint_seconds: float | None = None  # the last checkpoint's write, told by the next record
+    checkpoint_seconds: float | None = None  # the loop's share of the last checkpoint, for the next record
     writes = BackgroundWrites()  # checkpoints reach the disk while training goes on
     bar = tqdm(
         total=steps, initial=start, disable=not cfg.trainer.progress, desc=run_dir.name, dynamic_ncols=True
