@@ -15,7 +15,9 @@
 #   6. as 3 with one compile worker per core (the fast side's default on CUDA),
 #   7. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
 #      ResNet-50 fp32 vs bf16),
-#   8. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast).
+#   8. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast),
+#   9. tools/bench_checkpoint.py --device cuda (the loop's wait per checkpoint, in place vs in
+#      the background).
 # Steps 3, 4 and 6 reuse step 2's reference run (`bench_train.py --reference`) when it exists.
 # Each step's output goes to OUT_DIR/<step>.log and its figures to OUT_DIR/<step>.json; a failing
 # step is reported and the next one still runs. The exit status is the number of failed steps.
@@ -72,4 +74,5 @@ bench_train bench_train --
 step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
     --json "$out/bench_data_pipeline.json"
+step bench_checkpoint python3 tools/bench_checkpoint.py --device cuda --json "$out/bench_checkpoint.json"
 exit $failed
