@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import bench_algorithms  # tools/ is on sys.path when run as a script
 import torch
+from bench_data_pipeline import machine_info
 
 from dgbench.atomic import BackgroundWrites, atomic_write_bytes
 from dgbench.checkpoint import save_checkpoint
@@ -34,16 +34,16 @@ DOMAINS = 3
 MODES = ("in_place", "background")
 
 
-def caller_seconds(algorithm: Any, path: Path, rounds: int) -> dict[str, list[float]]:
+def caller_seconds(algorithm: Any, path: Path, rounds: int, device: torch.device) -> dict[str, list[float]]:
     """Per mode, the seconds `save_checkpoint` kept its caller, `rounds` times, alternating."""
     writes = BackgroundWrites()
     waited: dict[str, list[float]] = {mode: [] for mode in MODES}
     for _ in range(rounds):
         for mode in MODES:
             write = writes.write if mode == "background" else atomic_write_bytes
-            start = time.perf_counter()
-            save_checkpoint(path, algorithm, 0, write=write)
-            waited[mode].append(time.perf_counter() - start)
+            save = partial(save_checkpoint, path, algorithm, 0, write=write)
+            (milliseconds,) = bench_algorithms.time_calls(save, 0, 1, device)
+            waited[mode].append(milliseconds / 1e3)
             writes.wait()  # untimed: the next save starts on an idle disk
     return waited
 
@@ -63,15 +63,11 @@ def main() -> None:
     algorithm.update(bench_algorithms.random_batches(DOMAINS, 2, 32, device))  # Adam's state exists
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="bench_checkpoint.") as folder:
         path = Path(folder) / "checkpoint.pt"
-        waited = caller_seconds(algorithm, path, args.rounds)
+        waited = caller_seconds(algorithm, path, args.rounds, device)
         size_mb = path.stat().st_size / 1e6
     medians = {mode: statistics.median(seconds) for mode, seconds in waited.items()}
     report = {
-        "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(args),
         "settings": {"backbone": args.backbone, "rounds": args.rounds, "dir": str(Path(args.dir).resolve())},
         "checkpoint_mb": round(size_mb, 1),
         "seconds": {mode: [round(s, 4) for s in seconds] for mode, seconds in waited.items()},

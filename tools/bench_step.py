@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections.abc import Callable
 from typing import Any
 
 import bench_algorithms  # tools/ is on sys.path when run as a script
 import torch
+from bench_data_pipeline import machine_info
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -122,9 +122,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True  # the trainer's setting unless trainer.deterministic
     on_cuda = device.type == "cuda"
     report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if on_cuda else "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
+        "machine": machine_info(args),
         "settings": {"domains": DOMAINS, **{k: vars(args)[k] for k in ("batch", "resolution", "steps")}},
         "variants": {},
     }

@@ -229,8 +229,10 @@ def earlier_reference(path: str, result: dict[str, Any]) -> dict[str, Any]:
             f"--reference {path}: made by an older bench_train (no checkpoint_seconds); "
             "run the reference again: leave out --reference"
         )
-    own = {"load_average"}, {"json", "fast_override", "reference"}
-    for part, then, ignored in (("machine", machine, own[0]), ("settings", settings, own[1])):
+    for part, then, ignored in (
+        ("machine", machine, {"load_average"}),
+        ("settings", settings, {"json", "fast_override", "reference"}),
+    ):
         now = result[part]
         for key in sorted((set(now) | set(then)) - ignored):
             if now.get(key) != then.get(key):
