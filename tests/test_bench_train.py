@@ -138,6 +138,15 @@ def test_reference_is_reused_from_an_earlier_result_of_the_same_machine_and_sett
         bench_train.main()
 
 
+def write_results(command: list[str], records: list[dict]) -> str:
+    """The records a `dgbench train` run of `command` would leave for `bench_train.run`; its name."""
+    value = dict(a.split("=", 1) for a in command if "=" in a)
+    results = Path(value["output_dir"], value["name"], "run", "results.jsonl")
+    results.parent.mkdir(parents=True)
+    results.write_text("".join(bench_train.json.dumps(r) + "\n" for r in records))
+    return value["name"]
+
+
 def test_a_run_is_summarised_from_its_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Steps and evaluations from the records, the first left out of the rates; each record after
     the first tells the previous checkpoint's seconds, and a checkpoint follows every record."""
@@ -149,16 +158,16 @@ def test_a_run_is_summarised_from_its_records(tmp_path: Path, monkeypatch: pytes
     looped = 5.0 + 4.0 + 10 * 0.5 + 1.0 + 9 * 0.25 + 2.0 + 3 * 0.3
 
     def fake_measured(command, env):
-        output_dir = next(a for a in command if a.startswith("output_dir=")).removeprefix("output_dir=")
-        results = Path(output_dir, "fast", "run", "results.jsonl")
-        results.parent.mkdir(parents=True)
-        lines = [{**r, "acc": {"a": {}, "b": {}}, "test_envs": [1], "mem_gb": 1.0} for r in records]
-        results.write_text("\n".join(bench_train.json.dumps(r) for r in lines) + "\n")
+        write_results(
+            command, [{**r, "acc": {"a": {}, "b": {}}, "test_envs": [1], "mem_gb": 1.0} for r in records]
+        )
         return looped + 7.0, {"rss_mb": 1.0}
 
     monkeypatch.setattr(bench_train, "run_measured", fake_measured)
     args = bench_train.argparse.Namespace(batch=8, device="cpu")
-    monkeypatch.setattr(bench_train, "overrides", lambda args, output_dir, name: [f"output_dir={output_dir}"])
+    monkeypatch.setattr(
+        bench_train, "overrides", lambda args, out, name: [f"output_dir={out}", f"name={name}"]
+    )
     summary = bench_train.run(args, [], str(tmp_path), "fast")
     assert summary["steps_per_s"] == pytest.approx(1 / 0.375, abs=0.001)
     assert summary["images_per_s"] == pytest.approx(8 / 0.375, abs=0.1)  # one training domain
@@ -173,11 +182,6 @@ def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
     commands: dict[str, tuple[list[str], dict[str, str]]] = {}
 
     def fake_measured(command, env):
-        name = next(a for a in command if a.startswith("name=")).removeprefix("name=")
-        commands[name] = (command, env)
-        output_dir = next(a for a in command if a.startswith("output_dir=")).removeprefix("output_dir=")
-        results = Path(output_dir, name, "run", "results.jsonl")
-        results.parent.mkdir(parents=True)
         record = {
             "step": 0,
             "step_time": 1.0,
@@ -185,7 +189,7 @@ def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
             "acc": {"a": {}},
             "test_envs": [],
         }
-        results.write_text(bench_train.json.dumps({**record, "mem_gb": 1.0}) + "\n")
+        commands[write_results(command, [{**record, "mem_gb": 1.0}])] = (command, env)
         return 9.0, {"rss_mb": 1.0}
 
     monkeypatch.setattr(bench_train, "run_measured", fake_measured)
