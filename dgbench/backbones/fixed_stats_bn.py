@@ -42,12 +42,11 @@ class _FixedStatsBatchNorm(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, var = ctx.saved_tensors
         invstd = torch.rsqrt(var + ctx.eps)
-        per_channel = (1, -1) + (1,) * (x.dim() - 2)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else weight * invstd
             grad_x = torch.empty_like(grad)  # the gradient's layout, not contiguous
-            torch.mul(grad, scale.view(per_channel), out=grad_x)  # float32 product, rounded once
+            torch.mul(grad, _per_channel(scale, x), out=grad_x)  # float32 product, rounded once
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             sum_dy, sum_dy_xmu = _channel_sums(grad, x, mean, invstd, weight)
             grad_weight = (sum_dy_xmu * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -71,8 +70,13 @@ def _channel_sums(
         return sum_dy, sum_dy_xmu
     dims = [0, *range(2, x.dim())]
     wide = torch.promote_types(grad.dtype, torch.float32)
-    centred = x.to(wide) - mean.to(wide).view((1, -1) + (1,) * (x.dim() - 2))
+    centred = x.to(wide) - _per_channel(mean.to(wide), x)
     return grad.sum(dims, dtype=wide), (grad.to(wide) * centred).sum(dims)
+
+
+def _per_channel(values: Tensor, x: Tensor) -> Tensor:
+    """Per-channel `values` shaped to broadcast over `x` (N, C, ...)."""
+    return values.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 class FixedStatsBatchNorm2d(nn.BatchNorm2d):
