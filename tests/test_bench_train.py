@@ -176,7 +176,7 @@ def test_a_run_is_summarised_from_its_records(tmp_path: Path, monkeypatch: pytes
     assert summary["outside_loop_s"] == pytest.approx(7.0, abs=0.06)
 
 
-def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
+def test_on_cuda_the_fast_run_replays_graphs_and_compiles_cold_when_asked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     commands: dict[str, tuple[list[str], dict[str, str]]] = {}
@@ -195,10 +195,10 @@ def test_on_cuda_the_fast_run_compiles_and_graphs_cold_unless_overridden(
     monkeypatch.setattr(bench_train, "run_measured", fake_measured)
     monkeypatch.setattr(bench_train, "machine_info", lambda args: {})  # no GPU to name here
     argv = ["bench_train.py", "--root", str(tmp_path), "--dataset", "embedded", "--device", "cuda"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--fast-override", "trainer.compile=false"])
+    monkeypatch.setattr(sys, "argv", [*argv, "--fast-override", "trainer.compile=true"])
     bench_train.main()
     fast, env = commands["fast"]
-    assert fast[-3:] == ["trainer.compile=true", "trainer.cuda_graph=true", "trainer.compile=false"]
+    assert fast[-2:] == ["trainer.cuda_graph=true", "trainer.compile=true"]
     assert not any("compile" in a or "cuda_graph" in a for a in commands["reference"][0])
     inductor = Path(env["TORCHINDUCTOR_CACHE_DIR"])
     assert inductor.name == "inductor" and not inductor.parent.exists()  # the run's temp dir, gone

@@ -11,9 +11,9 @@ process (so each peak host memory, summed over the process and its loader worker
     fast:      data.pipeline=fast (decoded-image cache + batched augmentation on the device),
                trainer.evaluate=selection (only the splits model selection reads), and the
                trainer's defaults: evaluation batches of 256, channels_last; on CUDA bf16
-               autocast, cudnn autotuning, and trainer.compile=true + trainer.cuda_graph=true
-               (the featurizer compiled, each step replayed as one CUDA graph); the compilation is
-               measured cold (a fresh inductor cache)
+               autocast, cudnn autotuning, and trainer.cuda_graph=true (each step replayed as
+               one CUDA graph); with `--fast-override trainer.compile=true` the featurizer is also
+               compiled, measured cold (a fresh inductor cache)
 
 Reported per path: training steps/s (from the records' `step_time`, data loading included, first
 record left out: it holds step 0 and the warm-up), evaluation seconds per evaluation (`eval_time`)
@@ -72,11 +72,12 @@ PATHS = {
     ],
     "fast": ["data.pipeline=fast", "trainer.evaluate=selection"],
 }
-# On CUDA the fast path also compiles the featurizer and replays each step as a CUDA graph: the
-# eager ResNet-50 step is bound by its GPU kernels (half of them frozen BatchNorm's), which
-# compilation fuses, the compiled one by its launches, which a graph replays in one call
-# (tools/bench_step.py). `--fast-override trainer.compile=false` etc. measure without them.
-FAST_ON_CUDA = ["trainer.compile=true", "trainer.cuda_graph=true"]
+# On CUDA the fast path also replays each step as one CUDA graph: with frozen BatchNorm's backward
+# kept in channels_last (FixedStatsBatchNorm2d) the eager ResNet-50 step does 25 ms of GPU work in
+# 45 ms of launches, which a graph replays in one call (tools/bench_step.py). Compiling the model
+# as well (`--fast-override trainer.compile=true`) trains faster still, but its cold compilation
+# costs ~40 s and its compile workers ~0.9-1.5 GB of host memory: the README's Performance section.
+FAST_ON_CUDA = ["trainer.cuda_graph=true"]
 
 
 def overrides(args: argparse.Namespace, output_dir: str, name: str) -> list[str]:

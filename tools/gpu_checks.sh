@@ -4,15 +4,15 @@
 #   1. the CUDA-only tests, first because they are quick and say whether the rest means anything
 #      (CUDA augmentation against CPU; no host sync between checkpoints; a replayed CUDA graph
 #      follows the eager steps; the frozen-BatchNorm backward on CUDA),
-#   2. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32: the target)
-#      with the fast side's model eager (trainer.compile=false), each step replayed as a CUDA
-#      graph: no compilation, no compile workers,
-#   3. the same with the model compiled (cold) by 4 inductor compile workers instead of one per
-#      core: what they cost in peak host memory against what they save in compilation time,
+#   2. tools/bench_train.py --device cuda (end to end, ERM ResNet-50 224 px, 3 x 32: the target;
+#      the fast side's steps replayed as CUDA graphs, its model eager),
+#   3. the same with the model compiled too (trainer.compile=true, cold) by 4 inductor compile
+#      workers instead of one per core: what they cost in peak host memory against what they
+#      save in compilation time,
 #   4. the same with 8 compile workers,
 #   5. tools/bench_step.py (one step: eager NCHW / channels_last with PyTorch's or dgbench's
 #      frozen-BatchNorm backward, CUDA graph, compile, both),
-#   6. as 3 with one compile worker per core (the fast side's default on CUDA),
+#   6. as 3 with one compile worker per core (inductor's default),
 #   7. tools/check_cuda.py (every algorithm under bf16 + channels_last, host syncs per update;
 #      ResNet-50 fp32 vs bf16),
 #   8. tools/bench_data_pipeline.py --device cuda (data path, reference vs fast),
@@ -59,18 +59,19 @@ bench_train() {  # bench_train NAME [ENV=VALUE ...] -- [bench_train.py ARGS ...]
     local env=()
     while [ "$1" != "--" ]; do env+=("$1"); shift; done
     shift
-    if [ -f "$out/bench_train_eager_model.json" ]; then
-        reference=(--reference "$out/bench_train_eager_model.json")
+    if [ -f "$out/bench_train.json" ]; then
+        reference=(--reference "$out/bench_train.json")
     fi
     step "$name" env "${env[@]}" python3 tools/bench_train.py --root "$root" --device cuda \
         "${reference[@]}" --json "$out/$name.json" "$@"
     tail -n 25 "$out/$name.log"
 }
-bench_train bench_train_eager_model -- --fast-override trainer.compile=false
-bench_train bench_train_4_compile_workers TORCHINDUCTOR_COMPILE_THREADS=4 --
-bench_train bench_train_8_compile_workers TORCHINDUCTOR_COMPILE_THREADS=8 --
-step bench_step python3 tools/bench_step.py --json "$out/bench_step.json"
+compiled=(--fast-override trainer.compile=true)
 bench_train bench_train --
+bench_train bench_train_compiled_4_workers TORCHINDUCTOR_COMPILE_THREADS=4 -- "${compiled[@]}"
+bench_train bench_train_compiled_8_workers TORCHINDUCTOR_COMPILE_THREADS=8 -- "${compiled[@]}"
+step bench_step python3 tools/bench_step.py --json "$out/bench_step.json"
+bench_train bench_train_compiled -- "${compiled[@]}"
 step check_cuda python3 tools/check_cuda.py --json "$out/check_cuda.json"
 step bench_data_pipeline python3 tools/bench_data_pipeline.py --root "$root" --device cuda --steps 100 \
     --json "$out/bench_data_pipeline.json"
