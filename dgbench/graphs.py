@@ -10,11 +10,6 @@ counter that picks a branch, a learning-rate schedule), and Adam-like optimizers
 state is zeros. Capturing runs the step a few times first, on a side stream (it allocates the
 optimizer state and lets cudnn autotune), so the model's and optimizers' state is saved before and
 put back after: the first replay is the run's next step, as it would have been in eager mode.
-
-A captured step also gets frozen BatchNorm's layout-keeping backward (`FixedStatsBatchNorm2d`):
-it does less GPU work (ResNet-50 on an H100: 25 instead of 35 ms per step) for more host work,
-which a replay does not repeat (graphed: 25.0 instead of 34.7 ms per step; eager it was a loss,
-45.2 instead of 39.1 ms: `tools/bench_step.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ import torch
 from torch import Tensor
 
 from dgbench.algorithms.base import Algorithm, DomainBatch, Metrics
-from dgbench.backbones.fixed_stats_bn import use_fixed_stats_kernels
 from dgbench.errors import DGBenchError
 
 WARMUP_STEPS = 3  # PyTorch's advice before a capture: a few eager runs on a side stream
@@ -56,7 +50,6 @@ class GraphedStep:
                     f"needs Adam or AdamW (their fresh state is zeros); set trainer.cuda_graph=false"
                 )
         self.algorithm = algorithm
-        use_fixed_stats_kernels(algorithm)  # before the capture: the graph holds the kernels it records
         self.inputs = [(x.clone(), y.clone()) for x, y in batches]
         try:
             self.graph = torch.cuda.CUDAGraph()

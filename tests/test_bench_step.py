@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # the to
 import bench_step
 
 
-def test_eager_variants_run_on_cpu_and_only_the_fixed_stats_one_swaps_the_batchnorm(
+def test_eager_variants_run_on_cpu_and_only_the_native_one_keeps_pytorchs_batchnorm(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     swaps: list[bool] = []
@@ -26,13 +26,13 @@ def test_eager_variants_run_on_cpu_and_only_the_fixed_stats_one_swaps_the_batchn
     monkeypatch.setattr(bench_step, "use_fixed_stats_kernels", recorded)
     out = tmp_path / "step.json"
     argv = ["bench_step.py", "--device", "cpu", "--resolution", "32", "--batch", "2", "--steps", "1"]
-    argv += ["--variants", "eager_nchw,eager,eager_fixed_stats_bn", "--json", str(out)]
+    argv += ["--variants", "eager_nchw,eager_native_bn,eager", "--json", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     bench_step.main()
     report = json.loads(out.read_text())
     assert report["settings"] == {"domains": 3, "batch": 2, "resolution": 32, "steps": 1}
     rows = report["variants"]
-    assert list(rows) == ["eager_nchw", "eager", "eager_fixed_stats_bn"]
+    assert list(rows) == ["eager_nchw", "eager_native_bn", "eager"]
     assert all(row["ms_per_step"] > 0 and "error" not in row for row in rows.values())
     assert rows["eager"]["speedup_vs_eager"] == 1.0
-    assert swaps == [True]
+    assert swaps == [True, False, True]

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from dgbench.algorithms.erm import ERM, ERMHParams
-from dgbench.backbones import Featurizer, build_backbone
-from dgbench.backbones.fixed_stats_bn import FixedStatsBatchNorm2d
+from dgbench.backbones import Featurizer
 from dgbench.errors import DGBenchError
 from dgbench.graphs import GraphedStep, saved_state
 from dgbench.registry import ALGORITHMS
@@ -86,22 +85,6 @@ def test_a_step_that_cannot_be_captured_is_named_with_the_switch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", unavailable)
     with pytest.raises(DGBenchError, match=r"capturing ERM's .* set trainer.cuda_graph=false.*not permitted"):
         GraphedStep(make_erm(), batches(0), None)
-
-
-def test_a_captured_step_gets_the_layout_keeping_batchnorm_backward_and_an_eager_one_does_not(monkeypatch):
-    """Eager, the frozen ResNet keeps PyTorch's BatchNorm (cheaper for the host); the layers a
-    capture records are FixedStatsBatchNorm2d (less GPU work, and a replay costs no host time)."""
-    featurizer = build_backbone({"arch": "timm", "name": "resnet10t", "pretrained": False, "bn": "frozen"})
-    erm = ERM(featurizer, CLASSES, DOMAINS, ERMHParams())
-    layers = [m for m in erm.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert layers and all(type(m) is nn.BatchNorm2d for m in layers)
-    captured: list[set[type]] = []
-    record = lambda self, dtype: captured.append({type(m) for m in layers})  # noqa: E731
-    monkeypatch.setattr(GraphedStep, "_capture", record)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)  # no capture here: the layers are the point
-    images = [(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)) for _ in range(DOMAINS)]
-    GraphedStep(erm, images, None)
-    assert captured == [{FixedStatsBatchNorm2d}]
 
 
 @needs_cuda

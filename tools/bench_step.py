@@ -4,9 +4,9 @@ ERM on ResNet-50 (frozen BatchNorm, as DomainBed) at 224 px, 3 domains x 32 imag
 in one process, each variant on a freshly built model:
 
     eager_nchw     the eager step, contiguous (NCHW) model and batches
+    eager_native_bn  the eager step, channels_last, with PyTorch's own eval-mode BatchNorm backward
+                   (`dgbench.backbones.fixed_stats_bn` off: it writes the input gradient NCHW)
     eager          the eager step, channels_last (the trainer's default)
-    eager_fixed_stats_bn  the eager step, channels_last, with the layout-keeping frozen-BatchNorm
-                   backward (`dgbench.backbones.fixed_stats_bn`), which a captured step runs
     graph          `dgbench.graphs.GraphedStep`: the same step captured once, then replayed
     compile        `trainer.compile`: the featurizer torch.compiled in place, eager step around it
     compile+graph  both: the compiled step captured
@@ -41,7 +41,7 @@ from dgbench.graphs import GraphedStep
 
 DOMAINS = 3
 RESNET50 = {"arch": "timm", "name": "resnet50", "pretrained": False, "bn": "frozen"}
-VARIANTS = ("eager_nchw", "eager", "eager_fixed_stats_bn", "graph", "compile", "compile+graph")
+VARIANTS = ("eager_nchw", "eager_native_bn", "eager", "graph", "compile", "compile+graph")
 
 
 def build_step(
@@ -51,8 +51,7 @@ def build_step(
     memory_format = torch.contiguous_format if variant == "eager_nchw" else torch.channels_last
     algorithm = bench_algorithms.build("erm", RESNET50, DOMAINS, batch, device)
     algorithm = algorithm.to(memory_format=memory_format)
-    if variant == "eager_fixed_stats_bn":  # the graphed variants get it from GraphedStep
-        use_fixed_stats_kernels(algorithm)
+    use_fixed_stats_kernels(algorithm, on=variant != "eager_native_bn")
     batches = bench_algorithms.random_batches(DOMAINS, batch, resolution, device, memory_format)
     start = time.perf_counter()
     if variant.startswith("compile"):

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dgbench.backbones.fixed_stats_bn import use_fixed_stats_kernels
 from dgbench.backbones.weights import load_weights
 from dgbench.errors import ConfigError
 from dgbench.hparams import enum_choice
@@ -84,8 +85,13 @@ class Featurizer(nn.Module):
         return self.model(x)
 
     def set_bn_policy(self, bn: BNPolicy | str) -> Featurizer:
-        """Switch the BatchNorm policy and apply it to the current mode at once."""
+        """Switch the BatchNorm policy and apply it to the current mode at once.
+
+        `frozen` also gives the plain BatchNorm2d layers a backward that keeps channels_last on
+        CUDA (`FixedStatsBatchNorm2d`: same parameters, buffers and state_dict keys).
+        """
         self.bn = coerce_bn_policy(bn)
+        use_fixed_stats_kernels(self.model, on=self.bn is BNPolicy.frozen)
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> Featurizer:

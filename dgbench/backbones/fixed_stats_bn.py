@@ -17,12 +17,6 @@ dtype), and grad_w, grad_b from the same reductions PyTorch uses (on CUDA the sa
 layer is in eval mode and a gradient is wanted; under `torch.compile` PyTorch's own layer runs
 (inductor fuses it anyway), and on CPU too: there PyTorch's backward keeps the layout, and the
 sums written out below made an ERM step 7-8% slower (ResNet-18 / ResNet-50, 112 px, 2 cores).
-
-It saves GPU time at a cost in host time (a Python autograd function, three more kernels per
-layer): on an H100 the eager ResNet-50 step did 25 instead of 35 ms of GPU work but took 45
-instead of 39 ms, bound by its launches. So only a step captured as a CUDA graph, whose replay
-costs the host nothing per kernel, uses it (`dgbench.graphs.GraphedStep` turns it on): 25.0
-instead of 34.7 ms per step.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import torch
 from timm.layers import BatchNormAct2d
 from torch import nn
 
+from dgbench.backbones import build_backbone
 from dgbench.backbones.fixed_stats_bn import (
     FixedStatsBatchNorm2d,
     _FixedStatsBatchNorm,
@@ -79,6 +80,14 @@ def test_only_plain_batchnorm2d_layers_change_and_their_state_stays():
     assert list(model.state_dict()) == keys
     assert [t.data_ptr() for t in model.state_dict().values()] == tensors
     assert use_fixed_stats_kernels(model, on=False) == 1 and type(model[1]) is nn.BatchNorm2d
+
+
+def test_the_frozen_policy_switches_the_kernels_and_the_train_policy_switches_them_back():
+    featurizer = build_backbone({"arch": "timm", "name": "resnet10t", "pretrained": False, "bn": "frozen"})
+    layers = [m for m in featurizer.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert layers and all(type(m) is FixedStatsBatchNorm2d for m in layers)
+    featurizer.set_bn_policy("train")
+    assert all(type(m) is nn.BatchNorm2d for m in layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layer's own backward runs on CUDA only")
