@@ -36,3 +36,27 @@ def test_eager_variants_run_on_cpu_and_only_the_native_one_keeps_pytorchs_batchn
     assert all(row["ms_per_step"] > 0 and "error" not in row for row in rows.values())
     assert rows["eager"]["speedup_vs_eager"] == 1.0
     assert swaps == [True, False, True]
+
+
+def test_every_variant_is_timed_before_any_is_profiled() -> None:
+    """A profiling session slows the launches after it: no timing may follow one."""
+    events: list[str] = []
+
+    def build(variant: str):
+        if variant == "broken":
+            raise RuntimeError("no capture here")
+        return (lambda: variant), 0.25
+
+    def time_step(step) -> float:
+        events.append(f"time {step()}")
+        return 2.0
+
+    def profile(step) -> dict:
+        events.append(f"profile {step()}")
+        return {"gpu_busy_ms": 1.0}
+
+    rows = bench_step.time_then_profile(["eager_nchw", "broken", "graph", "eager"], build, time_step, profile)
+    assert events == ["time eager_nchw", "time graph", "time eager", "profile eager_nchw", "profile eager"]
+    assert rows["eager"] == {"ms_per_step": 2.0, "set_up_s": 0.2, "gpu_busy_ms": 1.0}
+    assert rows["graph"] == {"ms_per_step": 2.0, "set_up_s": 0.2}
+    assert rows["broken"] == {"error": "RuntimeError: no capture here"}

@@ -14,7 +14,8 @@ in one process, each variant on a freshly built model:
 Reported per variant: ms per step over `--steps` steps queued back to back (as the trainer runs
 them: no sync between steps), the seconds its set-up took (compilation, capture), and for the
 eager variants the GPU's busy time per step from the profiler (the sum of its kernels' times): when
-a step's wall time is well above its kernels' time, the host's launches bound it.
+a step's wall time is well above its kernels' time, the host's launches bound it. Every variant
+is timed before any is profiled (see `time_then_profile`).
 
     python tools/bench_step.py [--steps 40] [--variants eager,graph] [--json out.json]
         [--device cpu --resolution 32 --batch 2]     (a smoke test of the script itself, eager only)
@@ -106,6 +107,42 @@ def gpu_busy(step: Callable[[], Any], steps: int = 5) -> dict[str, Any]:
     }
 
 
+def time_then_profile(
+    variants: list[str],
+    build: Callable[[str], tuple[Callable[[], Any], float]],
+    time_step: Callable[[Callable[[], Any]], float],
+    profile: Callable[[Callable[[], Any]], dict[str, Any]] | None,
+) -> dict[str, dict[str, Any]]:
+    """Each variant's row: its ms per step and set-up seconds, then for the eager ones the
+    profiler's view of the GPU.
+
+    Every variant is timed before any is profiled: a profiling session leaves CUPTI running in the
+    process (pytorch/pytorch#144455, 10-20% slower afterwards), which slows every later launch and
+    most a step bound by its launches. The eager steps are kept until then.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    to_profile: dict[str, Callable[[], Any]] = {}
+    for variant in variants:
+        try:
+            step, set_up = build(variant)
+            rows[variant] = {"ms_per_step": round(time_step(step), 2), "set_up_s": round(set_up, 1)}
+            if profile is not None and variant.startswith("eager"):
+                to_profile[variant] = step
+        except Exception as error:  # report every variant
+            rows[variant] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        print(variant, json.dumps(rows[variant]), flush=True)
+        step = None  # a graph or compiled model not kept for profiling is freed before the next
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for variant, step in to_profile.items():
+        assert profile is not None
+        try:
+            rows[variant].update(profile(step))
+        except Exception as error:
+            rows[variant]["profile_error"] = f"{type(error).__name__}: {error}"[:2000]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -124,21 +161,14 @@ def main() -> None:
     report: dict[str, Any] = {
         "machine": machine_info(args),
         "settings": {"domains": DOMAINS, **{k: vars(args)[k] for k in ("batch", "resolution", "steps")}},
-        "variants": {},
     }
-    for variant in args.variants.split(","):
-        try:
-            step, set_up = build_step(variant, device, args.batch, args.resolution)
-            row: dict[str, Any] = {"ms_per_step": round(ms_per_step(step, args.steps, device), 2)}
-            row["set_up_s"] = round(set_up, 1)
-            if variant.startswith("eager") and on_cuda:
-                row.update(gpu_busy(step))
-        except Exception as error:  # report every variant
-            row = {"error": f"{type(error).__name__}: {error}"[:2000]}
-        report["variants"][variant] = row
-        print(variant, json.dumps(row), flush=True)
-        if on_cuda:
-            torch.cuda.empty_cache()
+    profile = gpu_busy if on_cuda else None
+    report["variants"] = time_then_profile(
+        args.variants.split(","),
+        lambda variant: build_step(variant, device, args.batch, args.resolution),
+        lambda step: ms_per_step(step, args.steps, device),
+        profile,
+    )
     base = report["variants"].get("eager", {}).get("ms_per_step")
     for row in report["variants"].values():
         if base and "ms_per_step" in row:
