@@ -111,7 +111,7 @@ def time_then_profile(
     variants: list[str],
     build: Callable[[str], tuple[Callable[[], Any], float]],
     time_step: Callable[[Callable[[], Any]], float],
-    profile: Callable[[Callable[[], Any]], dict[str, Any]] | None,
+    profile_step: Callable[[Callable[[], Any]], dict[str, Any]] | None,
 ) -> dict[str, dict[str, Any]]:
     """Each variant's row: its ms per step and set-up seconds, then for the eager ones the
     profiler's view of the GPU.
@@ -126,7 +126,7 @@ def time_then_profile(
         try:
             step, set_up = build(variant)
             rows[variant] = {"ms_per_step": round(time_step(step), 2), "set_up_s": round(set_up, 1)}
-            if profile is not None and variant.startswith("eager"):
+            if profile_step is not None and variant.startswith("eager"):
                 to_profile[variant] = step
         except Exception as error:  # report every variant
             rows[variant] = {"error": f"{type(error).__name__}: {error}"[:2000]}
@@ -135,9 +135,9 @@ def time_then_profile(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     for variant, step in to_profile.items():
-        assert profile is not None
+        assert profile_step is not None
         try:
-            rows[variant].update(profile(step))
+            rows[variant].update(profile_step(step))
         except Exception as error:
             rows[variant]["profile_error"] = f"{type(error).__name__}: {error}"[:2000]
     return rows
@@ -162,12 +162,11 @@ def main() -> None:
         "machine": machine_info(args),
         "settings": {"domains": DOMAINS, **{k: vars(args)[k] for k in ("batch", "resolution", "steps")}},
     }
-    profile = gpu_busy if on_cuda else None
     report["variants"] = time_then_profile(
         args.variants.split(","),
         lambda variant: build_step(variant, device, args.batch, args.resolution),
         lambda step: ms_per_step(step, args.steps, device),
-        profile,
+        gpu_busy if on_cuda else None,
     )
     base = report["variants"].get("eager", {}).get("ms_per_step")
     for row in report["variants"].values():

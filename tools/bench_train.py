@@ -75,9 +75,9 @@ PATHS = {
 # On CUDA the fast path also replays each step as one CUDA graph: with frozen BatchNorm's backward
 # kept in channels_last (FixedStatsBatchNorm2d) the eager ResNet-50 step does 25 ms of GPU work but
 # takes ~36 ms to launch its ~1,100 kernels, which a graph replays in one call (tools/bench_step.py,
-# tools/check_cuda.py). Compiling the model
-# as well (`--fast-override trainer.compile=true`) trains faster still, but its cold compilation
-# costs ~40 s and its compile workers ~0.9-1.5 GB of host memory: the README's Performance section.
+# tools/check_cuda.py). Compiling the model as well (`--fast-override trainer.compile=true`) trains
+# faster still, but its cold compilation costs ~40 s and its compile workers ~0.9-1.5 GB of host
+# memory: the README's Performance section.
 FAST_ON_CUDA = ["trainer.cuda_graph=true"]
 
 
